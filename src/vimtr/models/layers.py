@@ -1,0 +1,153 @@
+"""Shared layers of the Vision Mamba family: RMSNorm, patch embedding, the bidirectional Mamba mixer, Block.
+
+Attribute names follow the official code (hustvl/Vim ``models_mamba.py`` and its ``mamba_simple.py``
+fork) so that official state dicts load with no renaming. The maths is the official fast path, written
+in plain PyTorch; only the selective scan goes through :mod:`vimtr.ops`, which picks a kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+from vimtr.ops import causal_conv1d_fn, selective_scan_fn
+
+
+class RMSNorm(nn.Module):
+    """y = x · rsqrt(mean(x²) + eps) · w, computed in fp32 (as the official triton kernel), no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(out_dtype or x.dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d patchify (kernel ``patch_size``, step ``stride``), raster order (index = row·W + col)."""
+
+    def __init__(self, img_size=224, patch_size=16, stride=16, in_chans=3, embed_dim=192):
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = tuple((s - patch_size) // stride + 1 for s in self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class BiMamba(nn.Module):
+    """The bidirectional ("bimamba v2") Mamba mixer of Vim and VideoMamba.
+
+    Both directions share ``in_proj``, ``out_proj`` and the gate z; each has its own conv1d, x_proj,
+    dt_proj, A_log and D (``*_b`` for the backward one). The backward direction runs on the sequence
+    flipped and its output is flipped back. Vim averages the two directions (``divide_out=True``);
+    VideoMamba sums them.
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
+                 dt_init_floor=1e-4, conv_bias=True, bias=False, divide_out=True):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.divide_out = divide_out
+        E, N, R = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
+        self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)  # S4D-real init
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(E))
+        self.A_b_log = nn.Parameter(torch.log(A.clone()))
+        self.conv1d_b = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj_b = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj_b = nn.Linear(R, E, bias=True)
+        self.D_b = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, d_model, bias=bias)
+        for p in (self.A_log, self.D, self.A_b_log, self.D_b):
+            p._no_weight_decay = True
+        self._init_dt(dt_min, dt_max, dt_init_floor)
+
+    @torch.no_grad()
+    def _init_dt(self, dt_min, dt_max, floor):
+        # Official init of the forward dt projection: weights U(±R^-½), bias = softplus⁻¹(dt), dt log-uniform.
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+
+    def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, want_aux):
+        """One scan direction on (B, E, L) inputs already in that direction's order."""
+        N, R = self.d_state, self.dt_rank
+        c = causal_conv1d_fn(x, conv.weight, conv.bias)  # (B, E, L), SiLU applied
+        x_dbl = F.linear(c.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
+        dt, Bm, Cm = torch.split(x_dbl, [R, N, N], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L); bias goes in as delta_bias
+        A = -torch.exp(A_log.float())
+        Bs = Bm.transpose(1, 2).contiguous()
+        Cs = Cm.transpose(1, 2).contiguous()
+        aux = None
+        if want_aux:
+            # The timescale Δ the scan uses; computed here once so the reducer needs no second pass.
+            delta = F.softplus(delta.float() + dt_proj.bias.float()[:, None])
+            y = selective_scan_fn(c, delta, A, Bs, Cs, D.float(), z=z, delta_bias=None, delta_softplus=False)
+            aux = {"delta": delta, "B": Bm, "C": Cm}
+        else:
+            y = selective_scan_fn(c, delta, A, Bs, Cs, D.float(), z=z, delta_bias=dt_proj.bias.float(),
+                                  delta_softplus=True)
+        return y, aux
+
+    def forward(self, hidden: torch.Tensor, want_aux: bool = False):
+        """hidden (B, L, D) -> (out (B, L, D), aux or None).
+
+        ``aux`` (only with ``want_aux``) holds per direction, in token order: ``delta_f``/``delta_b``
+        (B, E, L) the softplus'd timescales, and ``B_f``/``B_b``/``C_f``/``C_b`` (B, L, N).
+        """
+        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
+        x, z = xz.chunk(2, dim=1)
+        y_f, aux_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, want_aux)
+        y_b, aux_b = self._direction(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
+                                     self.A_b_log, self.D_b, want_aux)
+        y = y_f + y_b.flip(-1)
+        if self.divide_out:
+            y = y / 2
+        out = self.out_proj(y.transpose(1, 2))
+        if not want_aux:
+            return out, None
+        aux = {"delta_f": aux_f["delta"], "delta_b": aux_b["delta"].flip(-1),
+               "B_f": aux_f["B"], "C_f": aux_f["C"], "B_b": aux_b["B"].flip(1), "C_b": aux_b["C"].flip(1)}
+        return out, aux
+
+
+class Block(nn.Module):
+    """Add → RMSNorm → Mixer, with the residual stream carried separately in fp32 (official ordering)."""
+
+    def __init__(self, dim, d_state=16, drop_path=0.0, norm_eps=1e-5, divide_out=True):
+        super().__init__()
+        self.mixer = BiMamba(dim, d_state=d_state, divide_out=divide_out)
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, hidden, residual=None, want_aux: bool = False):
+        if residual is None:  # first block: the embedding itself starts the residual stream
+            residual = hidden.float()
+        else:
+            residual = residual + self.drop_path(hidden).float()
+        normed = self.norm(residual, out_dtype=hidden.dtype)
+        out, aux = self.mixer(normed, want_aux=want_aux)
+        return out, residual, aux
