@@ -1,0 +1,175 @@
+"""The pieces every reduction method shares, written once.
+
+Every method, at a reduction step, describes what to do with the class-free sequence (the class
+token is taken out first and put back afterwards) as a :class:`Plan`:
+
+- ``keep`` (B, T'): which tokens survive, in output order;
+- ``src`` / ``dst`` (B, r): tokens merged away and the output position each one is merged into
+  (``None`` for pure pruning);
+- ``cls_pos``: where the class token is re-inserted in the output.
+
+:func:`apply_plan` carries out a plan on any per-token tensor: hidden states, the residual stream,
+sizes and sources all go through the same map, so they never disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vimtr.models.token_state import TokenState
+
+
+@dataclass
+class Plan:
+    keep: torch.Tensor  # (B, T') long, indices into the class-free sequence
+    src: torch.Tensor | None = None  # (B, r) long, indices into the class-free sequence
+    dst: torch.Tensor | None = None  # (B, r) long, positions in ``keep`` (the output) they merge into
+    cls_pos: int | None = None  # class-token index in the output (None: model without class token)
+
+
+def split_cls(x: torch.Tensor, cls_index: int | None):
+    """(B, L, C) -> (class row (B, 1, C) or None, the other rows (B, L-1, C))."""
+    if cls_index is None:
+        return None, x
+    return x[:, cls_index: cls_index + 1], torch.cat((x[:, :cls_index], x[:, cls_index + 1:]), dim=1)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def apply_plan(x: torch.Tensor, plan: Plan, cls_index: int | None, weight: torch.Tensor | None = None,
+               normalise: bool = True) -> torch.Tensor:
+    """Carry out ``plan`` on x (B, L, C), class token included at ``cls_index``.
+
+    Merged tokens become the ``weight``-weighted mean of the destination and every source merged into
+    it (destination included, as ToMe's and R-MeeTo's ``scatter_reduce``); ``weight`` (B, L, 1) is the
+    token sizes for a size-weighted mean, or None for a plain mean. With ``normalise=False`` the
+    weighted values are summed and not divided (for sizes and source maps).
+    """
+    cls, rest = split_cls(x, cls_index)
+    w = None
+    if weight is not None or normalise:
+        w = torch.ones_like(rest[..., :1]) if weight is None else split_cls(weight, cls_index)[1].to(rest.dtype)
+    vals = rest * w if normalise else rest
+    out = _gather(vals, plan.keep)
+    if plan.src is not None and plan.src.shape[1] > 0:
+        out = out.scatter_add(1, plan.dst.unsqueeze(-1).expand(-1, -1, out.shape[-1]), _gather(vals, plan.src))
+        if normalise:
+            den = _gather(w, plan.keep).scatter_add(1, plan.dst.unsqueeze(-1), _gather(w, plan.src))
+            out = out / den
+    elif normalise and weight is not None:
+        out = out / _gather(w, plan.keep)
+    if cls is None:
+        return out
+    p = plan.cls_pos
+    return torch.cat((out[:, :p], cls, out[:, p:]), dim=1)
+
+
+def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> TokenState:
+    """Reduce every stream of ``state`` with the same plan (hidden and residual: weighted means)."""
+    ci = state.cls_index
+    weight = state.sizes if weighted else None
+    hidden = apply_plan(state.hidden, plan, ci, weight)
+    residual = None if state.residual is None else apply_plan(state.residual, plan, ci, weight)
+    sizes = apply_plan(state.sizes, plan, ci, normalise=False)
+    source = None if state.source is None else apply_plan(state.source, plan, ci, normalise=False)
+    return TokenState(hidden=hidden, residual=residual, cls_index=plan.cls_pos if ci is not None else None,
+                      sizes=sizes, source=source, aux={})
+
+
+def proportional_cls_pos(cls_index: int | None, length: int, r: int) -> int | None:
+    """R-MeeTo's rule: the class token goes to floor(pos·(L−r)/L), L counting the class token."""
+    return None if cls_index is None else (cls_index * (length - r)) // length
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """Scores (higher = more alike) between rows of a (B, Ta, C) and b (B, Tb, C), both L2-normalised.
+
+    ``cosine`` is the dot product of normalised rows; ``l1``/``l2`` are negative distances between
+    the normalised rows (R-MeeTo's definitions).
+    """
+    if distance == "cosine":
+        return a @ b.transpose(-1, -2)
+    if distance == "l1":
+        return -torch.cdist(a, b, p=1)
+    if distance == "l2":
+        return -torch.cdist(a, b, p=2)
+    raise ValueError(f"distance must be 'cosine', 'l1' or 'l2', got {distance!r}")
+
+
+def normalise_rows(x: torch.Tensor) -> torch.Tensor:
+    # No epsilon, as R-MeeTo: an all-zero metric row would be NaN there too, and never occurs in practice.
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def bipartite_plan(metric: torch.Tensor, r: int, distance: str = "cosine", kth: int = 1, ordered: bool = True,
+                   prune: bool = False, cls_index: int | None = None, length: int | None = None) -> Plan:
+    """ToMe/R-MeeTo bipartite soft matching on a class-free metric (B, T, C).
+
+    Set A = even positions, set B = odd positions. Each A token finds its ``kth`` best B match; the r
+    A tokens with the highest scores merge into their matches (or are dropped with ``prune``).
+    ``ordered=True`` keeps the survivors in their original order (a merged token sits at its
+    destination's position); otherwise unmerged A tokens come first (by score), then B (R-MeeTo's
+    unordered variant). The class token is re-inserted by R-MeeTo's proportional rule.
+    """
+    with torch.no_grad():
+        metric = normalise_rows(metric.float())
+        a, b = metric[:, ::2], metric[:, 1::2]
+        scores = similarity(a, b, distance)
+        if kth == 1:
+            node_max, node_idx = scores.max(dim=-1)
+        else:
+            k = min(kth, scores.shape[-1])
+            top_v, top_i = scores.topk(k, dim=-1)
+            node_max, node_idx = top_v[..., k - 1], top_i[..., k - 1]
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        unm_a, src_a = edge_idx[:, r:], edge_idx[:, :r]  # positions within set A
+        dst_b = node_idx.gather(1, src_a)  # positions within set B
+        n_a, n_b = a.shape[1], b.shape[1]
+        Bn = metric.shape[0]
+        # Translate set positions to sequence indices: A[i] = 2i, B[j] = 2j+1.
+        b_seq = (2 * torch.arange(n_b, device=metric.device) + 1).expand(Bn, n_b)
+        unm_seq = 2 * unm_a
+        if ordered:
+            keep, _ = torch.cat((unm_seq, b_seq), dim=1).sort(dim=1)
+            # The output position of B token j: how many kept tokens precede it. Kept tokens are sorted,
+            # so it is the rank of 2j+1 in ``keep``.
+            dst_pos = torch.searchsorted(keep, (2 * dst_b + 1).contiguous())
+            pos_rule_len, pos_rule_r = length, r
+        else:
+            keep = torch.cat((unm_seq, b_seq), dim=1)
+            dst_pos = (n_a - r) + dst_b
+            pos_rule_len, pos_rule_r = n_a, r  # R-MeeTo inserts the class token among unmerged A tokens
+        cls_pos = None
+        if cls_index is not None:
+            cls_pos = (cls_index * (pos_rule_len - pos_rule_r)) // pos_rule_len
+        if prune:
+            return Plan(keep=keep, cls_pos=cls_pos)
+        return Plan(keep=keep, src=2 * src_a, dst=dst_pos, cls_pos=cls_pos)
+
+
+def importance_plan(score: torch.Tensor, n_src: int, n_tgt: int, features: torch.Tensor | None,
+                    prune: bool = False, distance: str = "cosine") -> Plan:
+    """Importance-grouped merging (MTR, UTR): class-free ``score`` (B, T), higher = more important.
+
+    The ``n_src`` least important tokens are the sources, the next ``n_tgt`` the targets, the rest are
+    kept. Each source merges into its most similar target (``features``, cosine). Survivors keep
+    their original order. The caller sets ``cls_pos``.
+    """
+    with torch.no_grad():
+        T = score.shape[1]
+        order = score.argsort(dim=-1, descending=True)
+        n_keep = T - n_src - n_tgt
+        src = order[:, T - n_src:]
+        keep, _ = order[:, : T - n_src].sort(dim=1)
+        if prune or n_src == 0:
+            return Plan(keep=keep)
+        tgt = order[:, n_keep: T - n_src]
+        f = normalise_rows(features.float())
+        sim = similarity(_gather(f, src), _gather(f, tgt), distance)
+        best = tgt.gather(1, sim.argmax(dim=-1))  # sequence index of each source's target
+        dst_pos = torch.searchsorted(keep, best.contiguous())
+        return Plan(keep=keep, src=src, dst=dst_pos)

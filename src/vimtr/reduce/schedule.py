@@ -1,0 +1,54 @@
+"""Derive a per-block schedule from a FLOPs budget with the analytic counter."""
+from __future__ import annotations
+
+from vimtr.flops import count_flops
+from vimtr.reduce.base import merge_blocks
+
+TOLERANCE = 0.01  # the achieved reduction must land within one percentage point of the request
+
+
+def _reduction(model, reducer, r, base) -> float | None:
+    try:
+        lengths = reducer.simulate(r)
+    except ValueError:
+        return None
+    return 1.0 - count_flops(model, lengths, reducer.applied, reducer, "full") / base
+
+
+def schedule_for_flops(model, reducer, target: float) -> list[int]:
+    """The schedule (tokens removed per block) whose ``full`` FLOPs reduction is closest to ``target``.
+
+    A constant r at the method's reducing blocks is tried first; the remainder is made up by removing one
+    more token at the earliest blocks (which count most), so the result lands within 1 point.
+    """
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 <= target < 1.0:
+        raise ValueError(f"{reducer.name}: flops_reduction must be a fraction in [0, 1), got {target!r}")
+    depth = reducer.depth
+    blocks = merge_blocks(depth, reducer.interval, reducer.odd)
+    if not blocks:
+        raise ValueError(f"{reducer.name}: interval={reducer.interval} leaves no reducing block in a "
+                         f"{depth}-block model")
+    base = count_flops(model, [reducer.num_tokens] * depth, [0] * depth, None, "full")
+
+    def sched(r, extra=0):
+        return [(r + (1 if blocks.index(i) < extra else 0)) if i in blocks else 0 for i in range(depth)]
+
+    best, best_gap, reachable = None, float("inf"), 0.0
+    r = 0
+    while True:
+        red = _reduction(model, reducer, sched(r), base)
+        if red is None:
+            break
+        reachable = max(reachable, red)
+        for extra in range(len(blocks)):
+            red_e = _reduction(model, reducer, sched(r, extra), base)
+            if red_e is not None and abs(red_e - target) < best_gap:
+                best, best_gap = sched(r, extra), abs(red_e - target)
+        if red > target or r > reducer.num_tokens:
+            break
+        r += 1
+    if best is None or best_gap > TOLERANCE:
+        raise ValueError(f"{reducer.name}: flops_reduction={target} is unreachable with interval="
+                         f"{reducer.interval}: the closest schedule gives {target - best_gap:.3f}"
+                         f" (at most {reachable:.3f} is reachable); lower flops_reduction or the interval")
+    return best
