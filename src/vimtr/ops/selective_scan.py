@@ -35,15 +35,13 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     up to the order of the final sum over states.
     """
     dtype_in = u.dtype
-    u = u.float()
-    delta = delta.float()
+    # fp32 for fp32/fp16/bf16 inputs (as mamba_ssm); float64 stays float64 so gradcheck is meaningful.
+    acc = torch.promote_types(dtype_in, torch.float32)
+    u, delta, A, B, C = (t.to(acc) for t in (u, delta, A, B, C))
     if delta_bias is not None:
-        delta = delta + delta_bias[..., None].float()
+        delta = delta + delta_bias[..., None].to(acc)
     if delta_softplus:
         delta = F.softplus(delta)  # threshold 20, as the CUDA kernel
-    A = A.float()
-    B = B.float()
-    C = C.float()
     batch, dim, length = u.shape
     # (B, E, L, N): decay and input per step; computed once, outside the loop.
     delta_A = torch.exp(delta.unsqueeze(-1) * A[:, None, :])
@@ -55,9 +53,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         x = delta_A[:, :, t] * x + delta_B_u[:, :, t]
         ys.append(torch.einsum("ben,bn->be", x, Ct[:, t]))
     y = torch.stack(ys, dim=2) if ys else u.new_zeros(batch, dim, 0)
-    out = y if D is None else y + u * D.float()[:, None]
+    out = y if D is None else y + u * D.to(acc)[:, None]
     if z is not None:
-        out = out * F.silu(z.float())
+        out = out * F.silu(z.to(acc))
     out = out.to(dtype_in)
     return (out, x) if return_last_state else out
 

@@ -1,0 +1,617 @@
+"""``load_model(checkpoint)``: official Vim / VideoMamba checkpoints (and vimtr's own) as ready vimtr models.
+
+What it reads:
+
+* official ``.pth`` files: a ``torch.save``d dict with ``model``, ``model_ema``, ``optimizer``,
+  ``lr_scheduler``, ``epoch``, ``scaler`` and ``args`` (an ``argparse.Namespace``); VideoMamba video
+  checkpoints are flat state dicts; ``module.``-prefixed (DDP) state dicts; ``.safetensors``;
+* an in-memory state dict; a Hugging Face repo id (``hustvl/Vim-tiny-midclstok[:file]``); a bundled
+  model name (``src/vimtr/assets/<name>.safetensors`` + ``<name>.json``);
+* checkpoints written by vimtr itself (a ``"vimtr"`` record: model name, config, token reduction).
+
+Pickles are only ever read with ``weights_only=True``; the one non-default global official files need,
+``argparse.Namespace``, is allow-listed. Without ``name`` the architecture is inferred from the tensor
+shapes. Anything that does not fit raises a single :class:`CheckpointError` that names the file, the
+offending keys with expected and found shapes, and what the checkpoint looks like.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.resources
+import inspect
+import json
+import logging
+import math
+import os
+import pickle
+import pickletools
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+
+from vimtr.models.registry import canonical_name, create_model, list_models, model_config
+from vimtr.models.videomamba import VideoMamba
+from vimtr.models.vim import VisionMamba
+
+__all__ = ["CheckpointError", "CheckpointWarning", "load_model", "assets_dir", "HF_DEFAULT_FILES"]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or does not fit the model; the message says why."""
+
+
+class CheckpointWarning(UserWarning):
+    """Something about a loaded checkpoint was assumed or dropped (also in ``model.checkpoint_info``)."""
+
+
+# The only global outside torch's weights_only defaults that official Vim/VideoMamba files contain
+# (HF's pickle scan of vim_t_midclstok_76p1acc.pth: OrderedDict, argparse.Namespace, FloatStorage).
+SAFE_GLOBALS = (argparse.Namespace,)
+
+# Default file per known HF repo (vim.md §3c).
+HF_DEFAULT_FILES = {
+    "hustvl/Vim-tiny-midclstok": "vim_t_midclstok_76p1acc.pth",
+    "hustvl/Vim-small-midclstok": "vim_s_midclstok_80p5acc.pth",
+    "hustvl/Vim-base-midclstok": "vim_b_midclstok_81p9acc.pth",
+    "OpenGVLab/VideoMamba": "videomamba_t16_in1k_res224.pth",
+}
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[^:]+)?$")
+_CKPT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
+_MAX_LISTED = 5  # offending keys shown in an error message
+
+
+def assets_dir():
+    """Where bundled models live (a Traversable); a function so tests can point it elsewhere."""
+    return importlib.resources.files("vimtr") / "assets"
+
+
+# ============================================================================ small records
+@dataclass
+class _Source:
+    """A checkpoint once read: the top-level dict plus what error messages and hints need."""
+    label: str  # how messages name it (the file path, repo:file, bundled:name, <state dict>)
+    obj: Mapping  # the top-level mapping (official dict, flat state dict, vimtr dict)
+    hint: str = ""  # a file name, for the class-token layout hint
+    fmt: str = "state dict"
+
+
+@dataclass
+class _Notices:
+    items: list = field(default_factory=list)
+
+    def warn(self, msg: str):
+        """Something assumed or dropped: worth a warning as well as a line in checkpoint_info."""
+        self.items.append(msg)
+        warnings.warn(msg, CheckpointWarning, stacklevel=2)
+
+    def note(self, msg: str):
+        """Something the caller asked for (e.g. a pos-embed resample): recorded and logged only."""
+        self.items.append(msg)
+        logger.info(msg)
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _describe(name: str, overrides: Mapping) -> str:
+    if not overrides:
+        return name
+    return f"{name}({', '.join(f'{k}={v}' for k, v in sorted(overrides.items()))})"
+
+
+# ============================================================================ reading
+def _read(checkpoint) -> _Source:
+    if isinstance(checkpoint, Mapping):
+        return _Source("<state dict>", checkpoint, fmt=_format(checkpoint))
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise CheckpointError(f"checkpoint must be a file path, a Hugging Face repo id, a bundled model name or a "
+                              f"state dict, got {type(checkpoint).__name__}")
+    text = os.fspath(checkpoint)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return _read_file(path, label=str(path), hint=path.name)
+    if path.exists():
+        raise CheckpointError(f"{text}: is not a file (a directory?); pass the checkpoint file itself")
+    bundled = _read_bundled(text)
+    if bundled is not None:
+        return bundled
+    if _HF_ID.match(text) and not text.split(":")[0].lower().endswith(_CKPT_SUFFIXES):
+        repo, _, filename = text.partition(":")
+        local, filename = _hub_download(repo, filename or None, text)
+        return _read_file(Path(local), label=f"{repo}:{filename}", hint=filename)
+    raise CheckpointError(f"{text}: no such file. load_model takes a checkpoint file, a Hugging Face repo id "
+                          f"such as 'hustvl/Vim-tiny-midclstok' (optionally 'repo:filename'), a bundled model "
+                          f"name ({', '.join(_bundled_names()) or 'none installed'}) or a state dict")
+
+
+def _read_file(path: Path, label: str, hint: str) -> _Source:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            obj = load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
+            raise CheckpointError(f"{label}: not a readable safetensors file ({_first_line(e)})") from None
+        return _Source(label, obj, hint, "safetensors")
+    obj = _torch_load(path, label)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{label}: holds a {type(obj).__name__}, not a checkpoint dict or state dict")
+    return _Source(label, obj, hint, _format(obj))
+
+
+def _format(obj: Mapping) -> str:
+    return "vimtr" if "vimtr" in obj else "official" if isinstance(obj.get("model"), Mapping) else "state dict"
+
+
+def _torch_load(path: Path, label: str):
+    """torch.load with weights_only=True: nothing in the file is imported or called unless allow-listed."""
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise before our own error
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path, e)
+        if unsafe:
+            raise CheckpointError(
+                f"{label}: refused to load: unpickling it would import/call {', '.join(unsafe)}, which a weights "
+                f"checkpoint never needs (allowed: tensors, plain containers and "
+                f"{', '.join(_qualname(g) for g in SAFE_GLOBALS)}). Nothing from the file was run. If you trust "
+                f"the file, extract its state dict yourself and pass that to load_model") from None
+        raise CheckpointError(f"{label}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # EOFError (empty), RuntimeError (truncated zip), KeyError/ValueError (not a pickle)
+        what = "an empty file" if isinstance(e, EOFError) else "truncated, corrupt or another kind of file"
+        raise CheckpointError(f"{label}: not a readable PyTorch checkpoint: {what} ({_first_line(e)})") from None
+
+
+def _qualname(obj) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (torch's messages run to paragraphs)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _unsafe_globals(path: Path, err: Exception) -> list[str]:
+    """Name the globals a refused pickle wanted, without running it: a static scan, else torch's message."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # zip files only
+    except Exception:
+        names = [n for n in _scan_pickle_globals(path)
+                 if not n.startswith(("torch.", "collections.OrderedDict"))]  # allowed by torch by default
+    allowed = {_qualname(g) for g in SAFE_GLOBALS}
+    names = [n for n in names if n not in allowed] or re.findall(r"GLOBAL ([\w.]+)", str(err))
+    return list(dict.fromkeys(names))
+
+
+def _scan_pickle_globals(path: Path, max_pickles: int = 4) -> list[str]:
+    """Statically list GLOBAL/STACK_GLOBAL imports of a plain pickle (legacy format: several in a row).
+
+    ``pickletools.genops`` only decodes opcodes; STACK_GLOBAL takes its module and name from the two
+    strings pushed before it, possibly via the memo, which is tracked for strings only.
+    """
+    found = []
+    with open(path, "rb") as f:
+        for _ in range(max_pickles):
+            strings, memo, top = [], {}, None  # top: the string on top of the stack, if it is one
+            try:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    if op.name == "MEMOIZE" or op.name.endswith("PUT"):  # store the top, leave the stack
+                        memo[len(memo) if op.name == "MEMOIZE" else arg] = top
+                        continue
+                    if isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                        top = arg
+                    else:
+                        top = memo.get(arg) if op.name.endswith("GET") else None
+                    if isinstance(top, str):
+                        strings.append(top)
+            except Exception:  # end of the pickles (raw storage bytes follow in the legacy format)
+                break
+    return found
+
+
+def _bundled_names() -> list[str]:
+    try:
+        return sorted(p.name[:-5] for p in assets_dir().iterdir()
+                      if p.name.endswith(".json") and assets_dir().joinpath(p.name[:-5] + ".safetensors").is_file())
+    except (OSError, FileNotFoundError):
+        return []
+
+
+def _read_bundled(name: str) -> _Source | None:
+    """A bundled model: ``<name>.safetensors`` + a JSON card ``{"model": ..., "config": {...}}``."""
+    if not re.fullmatch(r"[\w.-]+", name):
+        return None
+    root = assets_dir()
+    weights, card_file = root.joinpath(f"{name}.safetensors"), root.joinpath(f"{name}.json")
+    if not (weights.is_file() and card_file.is_file()):
+        return None
+    from safetensors.torch import load as load_bytes
+    label = f"bundled model {name!r}"
+    try:
+        card = json.loads(card_file.read_text())
+        state = load_bytes(weights.read_bytes())
+    except Exception as e:
+        raise CheckpointError(f"{label}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(card, Mapping) or not isinstance(card.get("model"), str):
+        raise CheckpointError(f"{label}: its card {name}.json needs a 'model' key naming a registered model")
+    # A bundled model is described exactly like a vimtr-written checkpoint, so one code path serves both.
+    record = {"model_name": card["model"], "config": card.get("config") or {}, "reduction": card.get("reduction")}
+    return _Source(label, {"model": state, "vimtr": record}, name, "bundled")
+
+
+def _hub_download(repo: str, filename: str | None, text: str) -> tuple[str, str]:
+    """(local path, file name) of a file in a Hugging Face repo; offline, say exactly what to fetch."""
+    if filename is None:
+        if repo not in HF_DEFAULT_FILES:
+            raise CheckpointError(f"{text}: no such local file; as a Hugging Face repo id it needs a file name: "
+                                  f"'{repo}:<file>.pth' (known repos: {', '.join(HF_DEFAULT_FILES)})")
+        filename = HF_DEFAULT_FILES[repo]
+    url = f"https://huggingface.co/{repo}/resolve/main/{filename}"
+    how = (f"Download {url} (browser, wget, or `huggingface-cli download {repo} {filename}`), save it anywhere "
+           f"and pass its path: vimtr.load_model('/path/to/{filename}')")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CheckpointError(f"{repo}:{filename}: cannot download, huggingface_hub is not installed "
+                              f"(pip install 'vimtr[hub]'). {how}") from None
+    try:
+        return huggingface_hub.hf_hub_download(repo_id=repo, filename=filename), filename
+    except Exception as e:  # offline, no such repo/file, HTTP errors: all end the same way for the user
+        raise CheckpointError(f"{repo}:{filename}: download failed ({_first_line(e)}); "
+                              f"offline? {how}") from None
+
+
+# ============================================================================ picking the weights
+def _state_dict(src: _Source, use_ema: bool) -> dict[str, torch.Tensor]:
+    obj = src.obj
+    if use_ema:
+        ema = obj.get("model_ema")
+        if not isinstance(ema, Mapping) or not ema:
+            raise CheckpointError(f"{src.label}: use_ema=True but the checkpoint has no 'model_ema' weights "
+                                  f"(top-level keys: {', '.join(map(str, list(obj)[:8]))})")
+        sd = ema
+    else:
+        # Official files nest the weights under 'model'; others use 'state_dict' or DeepSpeed's 'module'.
+        sd = next((obj[k] for k in ("model", "state_dict", "module") if isinstance(obj.get(k), Mapping)), obj)
+    tensors = {str(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{src.label}: holds no weights (no tensors; top-level keys: "
+                              f"{', '.join(map(str, list(obj)[:8])) or 'none'})")
+    if all(k.startswith("module.") for k in tensors):  # saved from a DistributedDataParallel wrapper
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _drop_distill_head(sd: dict, notices: _Notices) -> dict:
+    # VideoMamba-M/B distillation heads serve training only; logits come from `head`.
+    dropped = [k for k in sd if k.startswith("distill_head.")]
+    if dropped:
+        notices.warn(f"ignored VideoMamba's self-distillation head ({', '.join(dropped)}): unused at inference")
+    return {k: v for k, v in sd.items() if not k.startswith("distill_head.")}
+
+
+# ============================================================================ architecture inference
+def _foreign_kind(sd: Mapping) -> str | None:
+    """Recognise checkpoints of other model families, to say what the file is instead."""
+    if any(re.match(r"blocks\.\d+\.attn\.", k) for k in sd):
+        dim = next((v.shape[-1] for k, v in sd.items() if k in ("cls_token", "pos_embed")), "?")
+        depth = len({m.group(1) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+        return f"a Vision Transformer (ViT/DeiT: embed_dim {dim}, {depth} blocks), not a Vision Mamba model"
+    if "backbone.embedding.weight" in sd or "lm_head.weight" in sd:
+        emb = sd.get("backbone.embedding.weight", sd.get("lm_head.weight"))
+        depth = len({m.group(1) for k in sd if (m := re.match(r"backbone\.layers\.(\d+)\.", k))})
+        return (f"a text Mamba language model (mamba_ssm MambaLMHeadModel: vocabulary {emb.shape[0]}, "
+                f"d_model {emb.shape[1]}, {depth} layers), not a Vision Mamba model")
+    return None
+
+
+def _family(name: str) -> str:
+    """'video', or the image class-token layout 'middle' (Vim) / 'first' (VideoMamba image)."""
+    cls, cfg = model_config(name)
+    return "video" if issubclass(cls, VideoMamba) else cfg["cls_position"]
+
+
+def _registered_config(name: str) -> dict:
+    """A registered model's full configuration: constructor defaults overlaid with its registry entry."""
+    cls, cfg = model_config(name)
+    full = {}
+    for klass in reversed(cls.__mro__):
+        if isinstance(klass, type) and issubclass(klass, VisionMamba):
+            full.update({p.name: p.default for p in inspect.signature(klass.__init__).parameters.values()
+                         if p.default is not inspect.Parameter.empty})
+    full.update(cfg)
+    if full.get("stride") is None:  # None means "= patch_size"
+        full["stride"] = full["patch_size"]
+    return full
+
+
+def _ckpt_args(obj: Mapping) -> dict:
+    args = obj.get("args")
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, Mapping) else {}
+
+
+def _layout(src: _Source, notices: _Notices | None) -> str:
+    """Vim (middle class token) or VideoMamba image (first): their state dicts have identical keys."""
+    model_arg = _ckpt_args(src.obj).get("model")
+    if isinstance(model_arg, str):
+        try:
+            family = _family(canonical_name(model_arg))
+            if family != "video":
+                return family
+        except ValueError:  # not a registered name: judge by the official naming
+            pass
+        if "videomamba" in model_arg.lower():
+            return "first"
+        if "vim" in model_arg.lower():
+            return "middle"
+    if "videomamba" in src.hint.lower():
+        if notices is not None:
+            notices.warn(f"class token placed first (VideoMamba) because the file name {src.hint!r} says "
+                         f"'videomamba'; pass name= to choose")
+        return "first"
+    if notices is not None:
+        notices.warn("the checkpoint does not say whether it is Vim or VideoMamba (no args.model); assuming Vim "
+                     "(class token in the middle). For VideoMamba image weights pass name='videomamba_...'")
+    return "middle"
+
+
+def _geometry(grid: int, patch: int, allow_stride: bool, sizes: list[int]) -> tuple[int, int]:
+    """(img_size, stride) giving a ``grid``×``grid`` patch grid, grid = (img − patch)//stride + 1.
+
+    Each candidate image size (the checkpoint's args.input_size, then 224) is tried with stride = patch,
+    then (Vim only) with a smaller stride that tiles it exactly (27×27 at 224 → stride 8). Failing
+    that the grid is taken as non-overlapping patches of a larger image (28×28 → 448).
+    """
+    for img in sizes:
+        if (img - patch) % patch == 0 and (img - patch) // patch + 1 == grid:
+            return img, patch
+        if allow_stride:
+            for stride in range(patch - 1, 0, -1):
+                if (img - patch) % stride == 0 and (img - patch) // stride + 1 == grid:
+                    return img, stride
+    return grid * patch, patch
+
+
+def _infer_config(sd: Mapping, src: _Source, notices: _Notices | None) -> tuple[str, dict]:
+    """Registered name + overrides from the tensor shapes; raises CheckpointError for foreign weights."""
+    foreign = _foreign_kind(sd)
+    if foreign:
+        raise CheckpointError(f"{src.label}: not a Vision Mamba checkpoint: it looks like {foreign}. vimtr "
+                              f"loads Vim / VideoMamba weights ({', '.join(list_models())})")
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "layers.0.mixer.A_log")
+    absent = [k for k in needed if k not in sd]
+    if absent:
+        raise CheckpointError(f"{src.label}: does not look like a Vim / VideoMamba checkpoint: missing "
+                              f"{', '.join(absent)}; its first keys are {', '.join(list(sd)[:_MAX_LISTED])}")
+    weight, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]
+    patches = pos.shape[1] - 1
+    grid = math.isqrt(patches)
+    if pos.dim() != 3 or grid * grid != patches or weight.dim() not in (4, 5):
+        raise CheckpointError(f"{src.label}: pos_embed {_shape(pos)} / patch_embed.proj.weight {_shape(weight)} "
+                              f"do not describe a square patch grid")
+    patch = weight.shape[-1]
+    cfg = dict(
+        embed_dim=sd["cls_token"].shape[-1],
+        depth=1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))),
+        d_state=sd["layers.0.mixer.A_log"].shape[1],
+        patch_size=patch,
+        in_chans=weight.shape[1],
+        num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+    )
+    if weight.dim() == 5 or "temporal_pos_embedding" in sd:
+        family = "video"
+        kernel = weight.shape[2] if weight.dim() == 5 else 1
+        frames = sd["temporal_pos_embedding"].shape[1] * kernel if "temporal_pos_embedding" in sd else None
+        cfg.update(img_size=grid * patch, kernel_size=kernel)  # VideoMamba has no stride option
+        if frames is not None:
+            cfg["num_frames"] = frames
+    else:
+        family = _layout(src, notices)
+        input_size = _ckpt_args(src.obj).get("input_size")
+        sizes = list(dict.fromkeys(([input_size] if isinstance(input_size, int) else []) + [224]))
+        cfg["img_size"], cfg["stride"] = _geometry(grid, patch, family == "middle", sizes)
+    return _closest_registered(family, cfg)
+
+
+def _closest_registered(family: str, cfg: dict) -> tuple[str, dict]:
+    """The registered model of that family agreeing with ``cfg`` on most fields, and the overrides it needs."""
+    def score(name):
+        ref = _registered_config(name)
+        return (ref["embed_dim"] == cfg["embed_dim"], ref["depth"] == cfg["depth"],
+                sum(ref.get(k) == v for k, v in cfg.items()))
+    candidates = [n for n in list_models() if _family(n) == family]
+    best = max(candidates, key=score)  # max keeps the first of equals: registry order
+    ref = _registered_config(best)
+    return best, {k: v for k, v in cfg.items() if ref.get(k) != v}
+
+
+def _looks_like(sd: Mapping, src: _Source) -> str | None:
+    """For error messages: what the weights appear to be, or None."""
+    foreign = _foreign_kind(sd)
+    if foreign:
+        return foreign
+    try:
+        return _describe(*_infer_config(sd, src, notices=None))
+    except Exception:
+        return None
+
+
+# ============================================================================ adapting weights to the model
+def _inflate_image_weights(sd: dict, model: nn.Module, notices: _Notices) -> dict:
+    """Image weights into a video model, as VideoMamba's ``inflate_weight``: 2-D kernel in the centre slice."""
+    weight, target = sd.get("patch_embed.proj.weight"), model.patch_embed.proj.weight
+    if not (isinstance(model, VideoMamba) and weight is not None and weight.dim() == 4 and target.dim() == 5):
+        return sd
+    sd = dict(sd)
+    frames = target.shape[2]
+    inflated = weight.new_zeros(weight.shape[:2] + (frames,) + weight.shape[2:])
+    inflated[:, :, frames // 2] = weight
+    sd["patch_embed.proj.weight"] = inflated
+    notices.note(f"inflated the 2-D patch embedding {_shape(weight)} into the centre temporal slice of the 3-D "
+                 f"kernel {_shape(inflated)}")
+    if "temporal_pos_embedding" not in sd:
+        sd["temporal_pos_embedding"] = model.temporal_pos_embedding.detach().clone()  # zeros at construction
+        notices.warn("the image checkpoint has no temporal_pos_embedding: it stays zero")
+    own_head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+    ckpt_head = {k: v for k, v in sd.items() if k.startswith("head.")}
+    if ckpt_head and {k: v.shape for k, v in ckpt_head.items()} != {k: v.shape for k, v in own_head.items()}:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd.update({k: v.clone() for k, v in own_head.items()})
+        notices.warn(f"dropped the checkpoint's head ({_shape(ckpt_head.get('head.weight'))}): it does not fit "
+                     f"num_classes={model.num_classes}; the head keeps its random initialisation")
+    return sd
+
+
+def _resample_pos_embed(sd: dict, model: nn.Module, notices: _Notices) -> dict:
+    """Bicubic resample of the patch rows of pos_embed to the model's grid; the class row is kept aside.
+
+    Vim's class row sits at M//2 (M = patch count), VideoMamba's at 0, so it is taken out before the
+    resample and put back at the new M'//2 (or 0). For video models pos_embed is the spatial one.
+    """
+    pos, target = sd.get("pos_embed"), model.pos_embed
+    if pos is None or pos.shape == target.shape or pos.dim() != 3 or pos.shape[-1] != target.shape[-1]:
+        return sd  # nothing to do, or a mismatch the strict check reports
+    old_m, new_m = pos.shape[1] - 1, target.shape[1] - 1
+    old_grid, new_grid = math.isqrt(old_m), list(model.patch_embed.grid_size)
+    if old_grid * old_grid != old_m or new_grid[0] * new_grid[1] != new_m:
+        return sd
+    middle = model.cls_position == "middle"
+    old_i, new_i = (old_m // 2, new_m // 2) if middle else (0, 0)
+    cls_row = pos[:, old_i:old_i + 1]
+    rows = torch.cat((pos[:, :old_i], pos[:, old_i + 1:]), dim=1)
+    # antialias=False: the official fine-tune code (Vim main.py, VideoMamba) calls F.interpolate(bicubic) plainly.
+    rows = resample_abs_pos_embed(rows, new_size=new_grid, old_size=[old_grid, old_grid], num_prefix_tokens=0,
+                                  interpolation="bicubic", antialias=False)
+    sd = dict(sd)
+    sd["pos_embed"] = torch.cat((rows[:, :new_i], cls_row, rows[:, new_i:]), dim=1)
+    notices.note(f"pos_embed resampled (bicubic) from a {old_grid}x{old_grid} to a {new_grid[0]}x{new_grid[1]} "
+                 f"patch grid; class row kept at index {new_i}")
+    return sd
+
+
+# ============================================================================ strict loading
+def _load_strict(model: nn.Module, sd: Mapping, src: _Source, what: str, raw_sd: Mapping):
+    expected = model.state_dict()
+    wrong = [f"{k}: expected {_shape(v)}, found {_shape(sd[k])}" for k, v in expected.items()
+             if k in sd and sd[k].shape != v.shape]
+    missing = [f"{k}: missing (expected {_shape(v)})" for k, v in expected.items() if k not in sd]
+    extra = [f"{k}: unexpected (found {_shape(v)})" for k, v in sd.items() if k not in expected]
+    if wrong or missing or extra:
+        counts = ", ".join(f"{n} {label}" for n, label in
+                           ((len(wrong), "with the wrong shape"), (len(missing), "missing"), (len(extra), "unexpected"))
+                           if n)
+        lines = "\n  ".join((wrong + missing + extra)[:_MAX_LISTED])
+        looks = _looks_like(raw_sd, src)
+        hint = (f"\nThe checkpoint looks like {looks}." if looks else "") + \
+            ("\nLoad it without name= to infer the architecture." if looks and "not a Vision Mamba" not in looks
+             else "")
+        raise CheckpointError(f"{src.label}: the weights do not fit {what} ({counts}):\n  {lines}{hint}")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:  # e.g. a dtype that cannot be copied
+        raise CheckpointError(f"{src.label}: could not load into {what}: {_first_line(e)}") from None
+
+
+# ============================================================================ vimtr-written checkpoints
+def _vimtr_record(src: _Source) -> dict | None:
+    record = src.obj.get("vimtr")
+    if record is None:
+        return None
+    ok = (isinstance(record, Mapping) and isinstance(record.get("model_name"), str)
+          and isinstance(record.get("config", {}), Mapping))
+    reduction = record.get("reduction") if isinstance(record, Mapping) else None
+    ok = ok and (reduction is None or (isinstance(reduction, Mapping) and isinstance(reduction.get("method"), str)))
+    if not ok:
+        raise CheckpointError(f"{src.label}: malformed 'vimtr' record {record!r}: expected {{'model_name': str, "
+                              f"'config': dict, 'reduction': None or {{'method': str, 'params': dict}}}}")
+    return dict(record)
+
+
+def _record_overrides(record: dict, src: _Source) -> tuple[str, dict]:
+    try:
+        name = canonical_name(record["model_name"])
+    except ValueError as e:
+        raise CheckpointError(f"{src.label}: written for model {record['model_name']!r}, which is not "
+                              f"registered here: {e}") from None
+    # Keep only what differs from the registry, so a full dumped config (model.config) rebuilds too.
+    ref = _registered_config(name)
+    return name, {k: v for k, v in (record.get("config") or {}).items() if ref.get(k, object()) != v}
+
+
+def _apply_reduction(model: nn.Module, reduction: Mapping, src: _Source) -> nn.Module:
+    try:
+        reduce_module = importlib.import_module("vimtr.reduce")  # lazy: token reduction is optional here
+        out = reduce_module.reduce(model, reduction["method"], **dict(reduction.get("params") or {}))
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{src.label}: could not re-apply the recorded token reduction {dict(reduction)!r}: "
+                              f"{type(e).__name__}: {e}") from None
+    return out if isinstance(out, nn.Module) else model
+
+
+# ============================================================================ the entry point
+def load_model(checkpoint, name: str | None = None, use_ema: bool = False, **overrides) -> nn.Module:
+    """A ready vimtr model (eval mode) from a checkpoint.
+
+    ``checkpoint``: a file (official ``.pth``, flat or ``module.``-prefixed state dict, ``.safetensors``,
+    a vimtr-written file), a state dict, a Hugging Face repo id (``'hustvl/Vim-tiny-midclstok'`` or
+    ``'repo:filename'``) or a bundled model name. ``name``: the registered model (or alias) to build;
+    ``None`` infers it from the tensor shapes. ``use_ema``: take the ``model_ema`` weights.
+    ``overrides``: passed to :func:`vimtr.create_model`; an ``img_size`` other than the checkpoint's
+    resamples the position embedding.
+
+    The model gets ``model.model_name`` and ``model.checkpoint_info`` (file, name, overrides, notices).
+    Any failure raises :class:`CheckpointError`.
+    """
+    src = _read(checkpoint)
+    notices = _Notices()
+    record = _vimtr_record(src)
+    raw_sd = _state_dict(src, use_ema)
+    sd = _drop_distill_head(raw_sd, notices)
+
+    if name is not None:
+        try:
+            name = canonical_name(name)
+        except ValueError as e:  # unknown name: the registry's message lists close matches
+            raise CheckpointError(f"{src.label}: {e}") from None
+    if record is not None:  # vimtr-written or bundled: the file says exactly what to build
+        arch, cfg = _record_overrides(record, src)
+        if name is not None and name != arch:
+            raise CheckpointError(f"{src.label}: was written by vimtr for {arch}, not {name}; omit name=")
+    elif name is None:
+        arch, cfg = _infer_config(sd, src, notices)
+    else:
+        arch, cfg = name, {}
+    cfg.update(overrides)
+    what = _describe(arch, cfg)
+    try:
+        model = create_model(arch, **cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{src.label}: cannot build {what}: {e}") from None
+
+    sd = _inflate_image_weights(sd, model, notices)
+    sd = _resample_pos_embed(sd, model, notices)
+    _load_strict(model, sd, src, what, raw_sd)
+    if record is not None and record.get("reduction"):
+        model = _apply_reduction(model, record["reduction"], src)
+    model.eval()
+    model.checkpoint_info = {"file": src.label, "format": src.fmt, "name": arch,
+                             "inferred": name is None and record is None, "overrides": dict(cfg),
+                             "description": what, "ema": use_ema,
+                             "reduction": record.get("reduction") if record else None, "notices": notices.items}
+    logger.info("loaded %s (%s%s) as %s", src.label, src.fmt, ", EMA" if use_ema else "", what)
+    return model

@@ -1,0 +1,37 @@
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+
+
+def golden_weights(case: str = "p1") -> dict:
+    """Official-init Vim-Ti weights from the golden files (fp16 stored, cast to fp32); p1b adds overrides."""
+    sd = {k[8:]: v.float() for k, v in load_file(GOLDEN / "p1_vim_tiny.safetensors").items()
+          if k.startswith("weights.")}
+    if case == "p1b":
+        sd.update({k[8:]: v.float() for k, v in load_file(GOLDEN / "p1b_vim_tiny_perturbed.safetensors").items()
+                   if k.startswith("weights.")})
+    return sd
+
+
+def assert_close_golden(ours: torch.Tensor, golden: torch.Tensor, what: str):
+    """The golden README's check: |ours − golden| ≤ 1e-4 + 1e-4·|golden| elementwise."""
+    assert ours.shape == golden.shape, f"{what}: shape {tuple(ours.shape)} != golden {tuple(golden.shape)}"
+    bad = (ours - golden).abs() > 1e-4 + 1e-4 * golden.abs()
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements out of tolerance, max |diff| " \
+                          f"{(ours - golden).abs().max().item():.3g}"
+
+
+@pytest.fixture(scope="session")
+def golden_input():
+    return load_file(GOLDEN / "p1_vim_tiny.safetensors")["input"]
+
+
+@pytest.fixture(scope="session")
+def golden():
+    return {case: load_file(GOLDEN / f"{stem}.safetensors") for case, stem in
+            [("p1", "p1_vim_tiny"), ("p1b", "p1b_vim_tiny_perturbed"), ("p2", "p2_rmeeto_tiny_r11"),
+             ("p2b", "p2b_rmeeto_tiny_r11_perturbed")]}

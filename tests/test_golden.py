@@ -1,0 +1,55 @@
+"""Parity with the official implementations (hustvl/Vim, NUS-HPC-AI-Lab/R-MeeTo) on the golden cases."""
+import json
+
+import pytest
+import torch
+
+import vimtr
+from conftest import GOLDEN, assert_close_golden, golden_weights
+
+
+def _model(case):
+    model = vimtr.create_model("vim_tiny").eval()
+    model.load_state_dict(golden_weights(case), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("case", ["p1", "p1b"])
+def test_backbone_reproduces_official(case, golden, golden_input):
+    model, ref = _model(case), golden[case]
+    captured = {}
+    model.layers[0].mixer.register_forward_hook(lambda m, i, o: captured.update(mixer=o[0]))  # returns None
+    with torch.no_grad():
+        embed = model.embed(golden_input)
+        state = model.forward_tokens(golden_input)
+        features = state.hidden[:, state.cls_index]
+        logits = model.head(features)
+        assert torch.equal(model(golden_input), logits)
+    assert state.cls_index == 98
+    assert_close_golden(embed, ref["embed"], "embed")
+    assert_close_golden(captured["mixer"], ref["layer0_mixer_out"], "layer0_mixer_out")
+    assert_close_golden(state.hidden, ref["final_norm"], "final_norm")
+    assert_close_golden(features, ref["features"], "features")
+    assert_close_golden(logits, ref["logits"], "logits")
+
+
+@pytest.mark.parametrize("case,weights", [("p2", "p1"), ("p2b", "p1b")])
+def test_rmeeto_reproduces_official(case, weights, golden, golden_input):
+    meta = json.loads((GOLDEN / f"{'p2_rmeeto_tiny_r11' if case == 'p2' else 'p2b_rmeeto_tiny_r11_perturbed'}.json")
+                      .read_text())
+    model = vimtr.reduce(_model(weights), "rmeeto", r=11, compare=11)  # the golden merge_para
+    with torch.no_grad():
+        state = model.forward_tokens(golden_input)
+        logits = model.head(state.hidden[:, state.cls_index])
+    trace = model.reduction_trace
+    assert trace["tokens"] == meta["seq_len_after_each_block"]
+    assert trace["cls_index"] == meta["cls_index_after_each_block"]
+    assert torch.equal(trace["sizes"], golden[case]["token_sizes_final"])
+    assert_close_golden(state.hidden[:, state.cls_index], golden[case]["features"], "features")
+    assert_close_golden(logits, golden[case]["logits"], "logits")
+    # The official analytic counter's value for this case.
+    assert vimtr.flops(model, convention="rmeeto") == 1_037_488_512
+    # Constant r (compare=None, the published method) is the same schedule at r = 11.
+    vimtr.reduce(model, "rmeeto", r=11)
+    with torch.no_grad():
+        assert torch.equal(model(golden_input), logits)
