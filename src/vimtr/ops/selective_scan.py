@@ -43,15 +43,18 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if delta_softplus:
         delta = F.softplus(delta)  # threshold 20, as the CUDA kernel
     batch, dim, length = u.shape
-    # (B, E, L, N): decay and input per step; computed once, outside the loop.
-    delta_A = torch.exp(delta.unsqueeze(-1) * A[:, None, :])
-    delta_B_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
-    Ct = C.transpose(1, 2)  # (B, L, N)
+    # (L, B, E, N), time-major so each step reads contiguous memory: decay and input per step, computed
+    # once outside the loop. The per-step views come from unbind, whose backward is one stack (indexing
+    # [t] instead would make backward allocate a full (L, B, E, N) gradient per step: quadratic in L).
+    delta_t = delta.permute(2, 0, 1).unsqueeze(-1)  # (L, B, E, 1)
+    delta_A = torch.exp(delta_t * A).unbind(0)
+    delta_B_u = (delta_t * u.permute(2, 0, 1).unsqueeze(-1) * B.permute(2, 0, 1).unsqueeze(2)).unbind(0)
+    Cs = C.permute(2, 0, 1).unsqueeze(-1).unbind(0)  # L tensors (B, N, 1)
     x = u.new_zeros(batch, dim, A.shape[1])
     ys = []
     for t in range(length):
-        x = delta_A[:, :, t] * x + delta_B_u[:, :, t]
-        ys.append(torch.einsum("ben,bn->be", x, Ct[:, t]))
+        x = delta_A[t] * x + delta_B_u[t]
+        ys.append(torch.bmm(x, Cs[t]).squeeze(-1))  # Σ_n h·C
     y = torch.stack(ys, dim=2) if ys else u.new_zeros(batch, dim, 0)
     out = y if D is None else y + u * D.to(acc)[:, None]
     if z is not None:
