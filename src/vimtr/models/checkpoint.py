@@ -20,6 +20,7 @@ import argparse
 import importlib
 import importlib.resources
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -345,20 +346,26 @@ def _ckpt_args(obj: Mapping) -> dict:
     return vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, Mapping) else {}
 
 
+def _declared_layout(obj: Mapping) -> str | None:
+    """The image class-token layout the checkpoint's own ``args.model`` declares, if it names one."""
+    model_arg = _ckpt_args(obj).get("model")
+    if not isinstance(model_arg, str):
+        return None
+    try:
+        family = _family(canonical_name(model_arg))
+        if family != "video":
+            return family
+    except ValueError:  # not a registered name: judge by the official naming
+        pass
+    lowered = model_arg.lower()
+    return "first" if "videomamba" in lowered else "middle" if "vim" in lowered else None
+
+
 def _layout(src: _Source, notices: _Notices | None) -> str:
     """Vim (middle class token) or VideoMamba image (first): their state dicts have identical keys."""
-    model_arg = _ckpt_args(src.obj).get("model")
-    if isinstance(model_arg, str):
-        try:
-            family = _family(canonical_name(model_arg))
-            if family != "video":
-                return family
-        except ValueError:  # not a registered name: judge by the official naming
-            pass
-        if "videomamba" in model_arg.lower():
-            return "first"
-        if "vim" in model_arg.lower():
-            return "middle"
+    declared = _declared_layout(src.obj)
+    if declared is not None:
+        return declared
     if "videomamba" in src.hint.lower():
         if notices is not None:
             notices.warn(f"class token placed first (VideoMamba) because the file name {src.hint!r} says "
@@ -368,6 +375,15 @@ def _layout(src: _Source, notices: _Notices | None) -> str:
         notices.warn("the checkpoint does not say whether it is Vim or VideoMamba (no args.model); assuming Vim "
                      "(class token in the middle). For VideoMamba image weights pass name='videomamba_...'")
     return "middle"
+
+
+def _check_declared_layout(src: _Source, model: nn.Module, notices: _Notices):
+    # Vim and VideoMamba image weights load into each other without a key error; say so if name= crossed them.
+    declared = _declared_layout(src.obj)
+    if declared and not isinstance(model, VideoMamba) and declared != model.cls_position:
+        notices.warn(f"the checkpoint's args.model ({_ckpt_args(src.obj)['model']!r}) puts the class token "
+                     f"{declared}, but {model.model_name} puts it {model.cls_position}: outputs will not match "
+                     f"the original model")
 
 
 def _geometry(grid: int, patch: int, allow_stride: bool, sizes: list[int]) -> tuple[int, int]:
@@ -399,9 +415,9 @@ def _infer_config(sd: Mapping, src: _Source, notices: _Notices | None) -> tuple[
         raise CheckpointError(f"{src.label}: does not look like a Vim / VideoMamba checkpoint: missing "
                               f"{', '.join(absent)}; its first keys are {', '.join(list(sd)[:_MAX_LISTED])}")
     weight, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]
-    patches = pos.shape[1] - 1
-    grid = math.isqrt(patches)
-    if pos.dim() != 3 or grid * grid != patches or weight.dim() not in (4, 5):
+    patches = pos.shape[1] - 1 if pos.dim() == 3 else -1
+    grid = math.isqrt(max(patches, 0))
+    if grid * grid != patches or weight.dim() not in (4, 5):
         raise CheckpointError(f"{src.label}: pos_embed {_shape(pos)} / patch_embed.proj.weight {_shape(weight)} "
                               f"do not describe a square patch grid")
     patch = weight.shape[-1]
@@ -429,15 +445,19 @@ def _infer_config(sd: Mapping, src: _Source, notices: _Notices | None) -> tuple[
 
 
 def _closest_registered(family: str, cfg: dict) -> tuple[str, dict]:
-    """The registered model of that family agreeing with ``cfg`` on most fields, and the overrides it needs."""
-    def score(name):
+    """The registered model of that family needing the fewest overrides to match ``cfg``, and those overrides.
+
+    Ties go to the one with the same width, then the same depth, then the first registered.
+    """
+    def overrides(name):
         ref = _registered_config(name)
-        return (ref["embed_dim"] == cfg["embed_dim"], ref["depth"] == cfg["depth"],
-                sum(ref.get(k) == v for k, v in cfg.items()))
-    candidates = [n for n in list_models() if _family(n) == family]
-    best = max(candidates, key=score)  # max keeps the first of equals: registry order
-    ref = _registered_config(best)
-    return best, {k: v for k, v in cfg.items() if ref.get(k) != v}
+        return {k: v for k, v in cfg.items() if ref.get(k) != v}
+
+    def score(name):
+        diff = overrides(name)
+        return -len(diff), "embed_dim" not in diff, "depth" not in diff
+    best = max((n for n in list_models() if _family(n) == family), key=score)  # max keeps the first of equals
+    return best, overrides(best)
 
 
 def _looks_like(sd: Mapping, src: _Source) -> str | None:
@@ -515,7 +535,9 @@ def _load_strict(model: nn.Module, sd: Mapping, src: _Source, what: str, raw_sd:
         counts = ", ".join(f"{n} {label}" for n, label in
                            ((len(wrong), "with the wrong shape"), (len(missing), "missing"), (len(extra), "unexpected"))
                            if n)
-        lines = "\n  ".join((wrong + missing + extra)[:_MAX_LISTED])
+        # Round-robin over the three kinds, so a listing shows e.g. both what is missing and what is extra.
+        listed = [item for group in itertools.zip_longest(wrong, missing, extra) for item in group if item]
+        lines = "\n  ".join(listed[:_MAX_LISTED])
         looks = _looks_like(raw_sd, src)
         hint = (f"\nThe checkpoint looks like {looks}." if looks else "") + \
             ("\nLoad it without name= to infer the architecture." if looks and "not a Vision Mamba" not in looks
@@ -555,7 +577,9 @@ def _record_overrides(record: dict, src: _Source) -> tuple[str, dict]:
 
 def _apply_reduction(model: nn.Module, reduction: Mapping, src: _Source) -> nn.Module:
     try:
-        reduce_module = importlib.import_module("vimtr.reduce")  # lazy: token reduction is optional here
+        # Imported lazily (token reduction is optional here) and via import_module: `vimtr.reduce` as an
+        # attribute of the package is the re-exported function, not the module.
+        reduce_module = importlib.import_module("vimtr.reduce")
         out = reduce_module.reduce(model, reduction["method"], **dict(reduction.get("params") or {}))
     except (ImportError, AttributeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{src.label}: could not re-apply the recorded token reduction {dict(reduction)!r}: "
@@ -603,6 +627,8 @@ def load_model(checkpoint, name: str | None = None, use_ema: bool = False, **ove
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{src.label}: cannot build {what}: {e}") from None
 
+    if name is not None:
+        _check_declared_layout(src, model, notices)
     sd = _inflate_image_weights(sd, model, notices)
     sd = _resample_pos_embed(sd, model, notices)
     _load_strict(model, sd, src, what, raw_sd)

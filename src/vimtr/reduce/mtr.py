@@ -31,6 +31,16 @@ from vimtr.reduce.base import TokenReducer
 from vimtr.reduce.merge import importance_plan, proportional_cls_pos, split_cls
 
 
+def delta_importance(aux: dict, pool: str = "none") -> torch.Tensor:
+    """MTR's importance per token (B, L) from a mixer's aux: Δ summed over the two scans (the backward
+    one already in token order), then averaged over channels (or max / max-pooled, see ``pool``)."""
+    delta = aux["delta_f"] + aux["delta_b"]  # (B, E, L)
+    s = delta.amax(dim=1) if pool == "channel_max" else delta.mean(dim=1)
+    if pool == "token_max":
+        s = F.max_pool1d(s.unsqueeze(1), kernel_size=3, stride=1, padding=1).squeeze(1)
+    return s
+
+
 class MTR(TokenReducer):
     name = "mtr"
     needs_aux = True
@@ -50,12 +60,7 @@ class MTR(TokenReducer):
         self.weighted = bool(p["weighted"])
 
     def score(self, state) -> torch.Tensor:
-        """Importance per token (B, L), class token included."""
-        delta = state.aux["delta_f"] + state.aux["delta_b"]  # (B, E, L): summed over the two scans
-        s = delta.amax(dim=1) if self.params["pool"] == "channel_max" else delta.mean(dim=1)
-        if self.params["pool"] == "token_max":
-            s = F.max_pool1d(s.unsqueeze(1), kernel_size=3, stride=1, padding=1).squeeze(1)
-        return s
+        return delta_importance(state.aux, self.params["pool"])
 
     def plan(self, block, state, r):
         _, s = split_cls(self.score(state).unsqueeze(-1), state.cls_index)
