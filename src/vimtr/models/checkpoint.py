@@ -132,7 +132,7 @@ def _read(checkpoint) -> _Source:
         return _read_file(Path(local), label=f"{repo}:{filename}", hint=filename)
     raise CheckpointError(f"{text}: no such file. load_model takes a checkpoint file, a Hugging Face repo id "
                           f"such as 'hustvl/Vim-tiny-midclstok' (optionally 'repo:filename'), a bundled model "
-                          f"name ({', '.join(_bundled_names()) or 'none installed'}) or a state dict")
+                          f"name ({', '.join(bundled_models()) or 'none installed'}) or a state dict")
 
 
 def _read_file(path: Path, label: str, hint: str) -> _Source:
@@ -225,7 +225,8 @@ def _scan_pickle_globals(path: Path, max_pickles: int = 4) -> list[str]:
     return found
 
 
-def _bundled_names() -> list[str]:
+def bundled_models() -> list[str]:
+    """Names of the models shipped inside the package (``load_model(name)`` loads them)."""
     try:
         return sorted(p.name[:-5] for p in assets_dir().iterdir()
                       if p.name.endswith(".json") and assets_dir().joinpath(p.name[:-5] + ".safetensors").is_file())

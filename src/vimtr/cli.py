@@ -1,0 +1,75 @@
+"""``vimtr <command>``: thin. Each command lives in its own module, which registers its parser with
+``add_cli(subparsers)`` and does the work; this file only collects them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that define commands, in the order ``vimtr --help`` lists them.
+COMMAND_MODULES = (
+    "vimtr.tools.info",
+    "vimtr.tools.demo",
+    "vimtr.engine.evaluate",
+    "vimtr.engine.train",
+    "vimtr.tools.benchmark",
+    "vimtr.tools.sweep",
+    "vimtr.tools.visualize",
+)
+
+
+def parse_param(text: str):
+    """``key=value`` from ``--param``: the value as int, float, bool, None or str, in that order."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--param expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return key.strip(), low == "true"
+    if low in ("none", "null"):
+        return key.strip(), None
+    for cast in (int, float):
+        try:
+            return key.strip(), cast(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vimtr", description="Token reduction for Vision Mamba (MTR, R-MeeTo and baselines).",
+        epilog="Run 'vimtr COMMAND --help' for a command's options and examples.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real missing dependency inside the module: report it
+                raise
+            continue
+        module.add_cli(sub)
+    return parser
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        # Bad input: one clear line, not a stack trace (set VIMTR_DEBUG=1 for the trace).
+        import os
+        if os.environ.get("VIMTR_DEBUG"):
+            raise
+        print(f"vimtr {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tools built on the models, reductions and engines: demo, benchmark, sweep, visualisation."""

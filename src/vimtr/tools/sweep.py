@@ -1,0 +1,123 @@
+"""``vimtr sweep``: methods × reduction levels → accuracy, GFLOPs, images/s (CSV + JSON + the two plots
+the papers draw: accuracy vs FLOPs and accuracy vs throughput)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+import vimtr
+from vimtr.io import atomic_write, write_json
+
+TRAINING_FREE = ("mtr", "rmeeto", "tome", "evit", "utr", "random")
+COLUMNS = ("method", "level", "top1", "top5", "loss", "gflops", "flops_saved", "images_per_s", "speedup",
+           "final_tokens")
+
+
+def measure(model, dataset, method=None, params=None, batch_size=128, device="cpu", base=None) -> dict:
+    """Evaluate ``model`` reduced with ``method`` (None: unreduced) and return one result row."""
+    from vimtr.engine.evaluate import evaluate
+
+    vimtr.restore(model)
+    if method:
+        vimtr.reduce(model, method, **(params or {}))
+    res = evaluate(model, dataset, batch_size=batch_size, device=device, progress=False)
+    gflops = vimtr.flops(model) / 1e9
+    row = {"method": method or "baseline", "level": (params or {}).get("flops_reduction", 0.0),
+           "top1": res["top1"], "top5": res["top5"], "loss": res["loss"], "gflops": gflops,
+           "images_per_s": res["images_per_s"],
+           "final_tokens": (model.reducer.lengths[-1] if model.reducer
+                            else getattr(model, "num_tokens", model.num_patches + 1))}
+    base = base or row
+    row["flops_saved"] = 1.0 - gflops / base["gflops"]
+    row["speedup"] = row["images_per_s"] / base["images_per_s"]
+    vimtr.restore(model)
+    return row
+
+
+def sweep(model, dataset, methods=TRAINING_FREE, levels=(0.1, 0.2, 0.3, 0.4, 0.5), batch_size=128,
+          device="cpu", progress=True) -> list[dict]:
+    from tqdm import tqdm
+
+    base = measure(model, dataset, batch_size=batch_size, device=device)
+    rows = [base]
+    for method in tqdm(methods, desc="sweep", disable=not progress):
+        for level in levels:
+            rows.append(measure(model, dataset, method, {"flops_reduction": level}, batch_size, device, base))
+    return rows
+
+
+def plot(rows: list[dict], path_flops, path_throughput=None, title="", extra_points=()):
+    """Accuracy vs GFLOPs (and vs images/s): one line per method, the baseline as a star."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = [(path_flops, "gflops", "GFLOPs per image")]
+    if path_throughput:
+        targets.append((path_throughput, "images_per_s", "throughput (images/s)"))
+    base = next(r for r in rows if r["method"] == "baseline")
+    for path, key, label in targets:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "baseline"):
+            pts = sorted((r[key], 100 * r["top1"]) for r in rows if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        for r, style in extra_points:
+            ax.plot(r[key], 100 * r["top1"], style, markersize=10, label=r["method"])
+        ax.plot(base[key], 100 * base["top1"], "k*", markersize=14, label="baseline (no reduction)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(title or f"accuracy vs {label}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def write_rows(rows, out_dir: Path, stem="sweep"):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out_dir / f"{stem}.csv", lambda f: f.write(buf.getvalue()), mode="w")
+    write_json(out_dir / f"{stem}.json", {"rows": rows})
+
+
+def add_cli(sub):
+    p = sub.add_parser("sweep", help="methods × reduction levels → accuracy, GFLOPs, im/s, plots",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  vimtr sweep --model vim_digits --data digits\n"
+                              "  vimtr sweep --checkpoint vim_b_midclstok_81p9acc.pth --data /imagenet/val "
+                              "--method mtr utr --levels 0.2 0.3 0.4 --device cuda --out sweep_vimb/")
+    p.add_argument("--model", help="registered or bundled model name")
+    p.add_argument("--checkpoint", help="checkpoint to load")
+    p.add_argument("--data", default="digits", help="ImageFolder directory, or 'digits' (default)")
+    p.add_argument("--method", nargs="+", default=list(TRAINING_FREE), help="methods (default: all)")
+    p.add_argument("--levels", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5],
+                   help="FLOPs reductions (default 0.1 … 0.5)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="sweep_out", help="output folder (default sweep_out/)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from vimtr.engine.data import eval_dataset
+    from vimtr.tools.benchmark import load_for_cli
+
+    if not args.model and not args.checkpoint and args.data == "digits":
+        args.model = "vim_digits"
+    model = load_for_cli(args)
+    dataset = eval_dataset(args.data, model)
+    rows = sweep(model, dataset, args.method, args.levels, args.batch_size, args.device)
+    out = Path(args.out)
+    write_rows(rows, out)
+    name = getattr(model, "model_name", "model")
+    plot(rows, out / "acc_vs_flops.png", out / "acc_vs_throughput.png", title=f"{name} on {args.data}")
+    print(f"{'method':<10}{'level':>7}{'top-1':>8}{'GFLOPs':>9}{'im/s':>9}")
+    for r in rows:
+        print(f"{r['method']:<10}{r['level']:>7.2f}{100 * r['top1']:>8.2f}{r['gflops']:>9.4f}{r['images_per_s']:>9.1f}")
+    print(f"wrote {out}/sweep.csv, sweep.json, acc_vs_flops.png, acc_vs_throughput.png")
