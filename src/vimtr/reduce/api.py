@@ -40,8 +40,8 @@ def reduce(model, method: str, **params):
     if bad:
         raise TypeError(f"{cls.name}: unknown parameter(s) {bad}; valid: "
                         f"{', '.join(COMMON_PARAMS + tuple(cls.PARAMS))}")
+    reducer = cls(model, **params)  # built (and validated) first: a failed call keeps the old reduction
     restore(model)
-    reducer = cls(model, **params)
     model.reducer = reducer
     model.reduction = reducer.describe()
     return model

@@ -37,7 +37,12 @@ def split_cls(x: torch.Tensor, cls_index: int | None):
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return x.gather(1, _expand(idx, x))
+
+
+def _expand(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, n) token indices -> (B, n, C) for gather/scatter along the token axis of ``like``."""
+    return idx.unsqueeze(-1).expand(-1, -1, like.shape[-1])
 
 
 def apply_plan(x: torch.Tensor, plan: Plan, cls_index: int | None, weight: torch.Tensor | None = None,
@@ -50,18 +55,20 @@ def apply_plan(x: torch.Tensor, plan: Plan, cls_index: int | None, weight: torch
     weighted values are summed and not divided (for sizes and source maps).
     """
     cls, rest = split_cls(x, cls_index)
-    w = None
-    if weight is not None or normalise:
-        w = torch.ones_like(rest[..., :1]) if weight is None else split_cls(weight, cls_index)[1].to(rest.dtype)
-    vals = rest * w if normalise else rest
-    out = _gather(vals, plan.keep)
-    if plan.src is not None and plan.src.shape[1] > 0:
-        out = out.scatter_add(1, plan.dst.unsqueeze(-1).expand(-1, -1, out.shape[-1]), _gather(vals, plan.src))
-        if normalise:
-            den = _gather(w, plan.keep).scatter_add(1, plan.dst.unsqueeze(-1), _gather(w, plan.src))
-            out = out / den
-    elif normalise and weight is not None:
-        out = out / _gather(w, plan.keep)
+    if not normalise:  # sizes and source maps: plain sums
+        out = _gather(rest, plan.keep)
+        if plan.src is not None and plan.src.shape[1] > 0:
+            out = out.scatter_add(1, _expand(plan.dst, out), _gather(rest, plan.src))
+    else:
+        # Weighted mean written as dst + Σ wᵢ(xᵢ − dst) / W (W = total weight): the same value as
+        # Σ wᵢxᵢ / W, but exact when the merged tokens are identical (every difference is then 0).
+        out = _gather(rest, plan.keep)
+        if plan.src is not None and plan.src.shape[1] > 0:
+            w = torch.ones_like(rest[..., :1]) if weight is None else split_cls(weight, cls_index)[1].to(rest.dtype)
+            w_src = _gather(w, plan.src)
+            diff = (_gather(rest, plan.src) - out.gather(1, _expand(plan.dst, out))) * w_src
+            total = _gather(w, plan.keep).scatter_add(1, plan.dst.unsqueeze(-1), w_src)
+            out = out + torch.zeros_like(out).scatter_add(1, _expand(plan.dst, out), diff) / total
     if cls is None:
         return out
     p = plan.cls_pos

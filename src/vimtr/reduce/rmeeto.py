@@ -48,6 +48,10 @@ class RMeeTo(TokenReducer):
         return (length - 1) // 2
 
     def effective_r(self, block, length, r):
+        if r > length - 1:  # more than the block's patch tokens: a mistake, not something to cap
+            raise ValueError(f"rmeeto: the schedule removes {r} tokens at block {block}, but that block has "
+                             f"only {length - 1} patch tokens (R-MeeTo caps r at (L-1)//2 = "
+                             f"{self.max_remove(length)}); lower r or flops_reduction")
         c = self.params["compare"]
         if c is not None and self.depth - block <= self.interval:
             r = length - (197 - 11 * c)  # the official last-merge-block override, literally
