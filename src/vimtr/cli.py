@@ -19,24 +19,6 @@ COMMAND_MODULES = (
 )
 
 
-def parse_param(text: str):
-    """``key=value`` from ``--param``: the value as int, float, bool, None or str, in that order."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--param expects key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    low = value.strip().lower()
-    if low in ("true", "false"):
-        return key.strip(), low == "true"
-    if low in ("none", "null"):
-        return key.strip(), None
-    for cast in (int, float):
-        try:
-            return key.strip(), cast(value)
-        except ValueError:
-            pass
-    return key.strip(), value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vimtr", description="Token reduction for Vision Mamba (MTR, R-MeeTo and baselines).",

@@ -18,7 +18,6 @@ quirk, digest §7.7), which vimtr does not copy.
 """
 from __future__ import annotations
 
-import torch
 
 from vimtr.reduce.base import TokenReducer
 from vimtr.reduce.merge import bipartite_plan, split_cls

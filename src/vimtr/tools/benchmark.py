@@ -96,7 +96,7 @@ def benchmark(model, configs: dict, batch_sizes=(1, 8, 32), dtypes=("fp32",), de
 
 def parse_methods(specs: list[str], flops_reduction: float) -> dict:
     """``["mtr", "rmeeto:r=11"]`` -> {label: (method, params)}; the baseline always comes first."""
-    from vimtr.cli import parse_param
+    from vimtr.io import parse_param
 
     configs = {"baseline": None}
     for spec in specs:

@@ -53,7 +53,7 @@ def add_cli(sub):
 
 
 def run(args):
-    from vimtr.cli import parse_param
+    from vimtr.io import parse_param
     from vimtr.tools.benchmark import load_for_cli
 
     if not args.model and not args.checkpoint:

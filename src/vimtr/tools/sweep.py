@@ -82,7 +82,7 @@ def write_rows(rows, out_dir: Path, stem="sweep"):
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    atomic_write(out_dir / f"{stem}.csv", lambda f: f.write(buf.getvalue()), mode="w")
+    atomic_write(out_dir / f"{stem}.csv", lambda f: f.write(buf.getvalue().encode()))
     write_json(out_dir / f"{stem}.json", {"rows": rows})
 
 
@@ -105,13 +105,14 @@ def add_cli(sub):
 
 
 def run(args):
-    from vimtr.engine.data import eval_dataset
+    from vimtr.data import eval_transform
+    from vimtr.engine.data import load_dataset
     from vimtr.tools.benchmark import load_for_cli
 
     if not args.model and not args.checkpoint and args.data == "digits":
         args.model = "vim_digits"
     model = load_for_cli(args)
-    dataset = eval_dataset(args.data, model)
+    dataset = load_dataset(args.data, "val", transform=eval_transform(model) if args.data != "digits" else None)
     rows = sweep(model, dataset, args.method, args.levels, args.batch_size, args.device)
     out = Path(args.out)
     write_rows(rows, out)

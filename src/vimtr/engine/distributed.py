@@ -1,0 +1,102 @@
+"""torchrun support: one process group per run, exact sums across ranks, rank-0-only side effects.
+
+Nothing here pads or duplicates samples (unlike ``DistributedSampler``): evaluation shards indices
+``rank::world`` and sums integer counts, so totals equal a single-process run exactly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def resolve_device(spec: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """``auto`` → ``cuda:<local rank>`` when CUDA is available, else CPU; ``cuda`` → this rank's GPU."""
+    spec = "auto" if spec is None else str(spec)
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda":
+        spec = f"cuda:{local_rank}"
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"vimtr: --device {spec}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def setup(device: str | torch.device | None = "auto") -> Context:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, NCCL on GPU); else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL collectives and all_gather_object use the current device
+    if dist.is_available() and dist.is_initialized():  # set up by the caller (e.g. a notebook or test)
+        return Context(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    if world > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        return Context(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    return Context(0, 1, local_rank, dev)
+
+
+def context(device: str | torch.device | None = None) -> Context:
+    """The current process's place in an already-initialised group (or a single process)."""
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_available() and dist.is_initialized():
+        return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dev)
+    return Context(0, 1, 0, dev)
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Element-wise sum over ranks, in float64 (integer counts up to 2**53 stay exact)."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if ctx.distributed:
+        # NCCL only moves CUDA tensors; gloo takes CPU ones.
+        t = t.to(ctx.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def all_gather(obj, ctx: Context) -> list:
+    """One picklable object per rank, in rank order (used for per-rank RNG states; never written as a pickle)."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj, ctx: Context, src: int = 0):
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(ctx: Context):
+    if ctx.distributed:
+        dist.barrier()

@@ -1,0 +1,216 @@
+"""Evaluation: ``evaluate(model, dataset)`` and ``vimtr eval``; exact under torchrun.
+
+Each rank evaluates indices ``rank::world`` (no padding, no sample twice) and the integer counts and
+the summed loss are all-reduced, so totals are those of a single process.
+"""
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import vimtr
+from vimtr.engine import common, data, distributed
+from vimtr.engine.errors import UsageError
+
+RESULT_KEYS = ("images", "top1", "top5", "loss", "gflops", "gflops_rmeeto", "params", "tokens_per_block",
+               "corrupt", "wall_s", "images_per_s", "world_size", "config")
+
+
+def tokens_per_block(model) -> list[int]:
+    """Tokens entering each block in the last forward (the reduction's trace), or the full length."""
+    trace = getattr(model, "reduction_trace", None)
+    if trace and trace.get("tokens"):
+        return [int(t) for t in trace["tokens"]]
+    reducer = getattr(model, "reducer", None)
+    if reducer is not None:
+        return list(reducer.lengths)
+    return [int(getattr(model, "num_tokens", model.num_patches + 1))] * len(model.layers)
+
+
+def model_summary(model) -> dict:
+    return {"model": getattr(model, "model_name", type(model).__name__),
+            "model_config": dict(getattr(model, "config", {}) or {}),
+            "reduction": getattr(model, "reduction", None)}
+
+
+def make_loader(dataset, batch_size: int, ctx: distributed.Context, workers: int = 0) -> DataLoader:
+    common.check_batch_size(batch_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=range(ctx.rank, len(dataset), ctx.world),
+                      num_workers=workers, collate_fn=data.collate_skip, pin_memory=ctx.device.type == "cuda",
+                      # An explicit generator: creating the iterator must not draw from the global RNG,
+                      # or an evaluation would shift the training run's random stream.
+                      generator=torch.Generator(), persistent_workers=False)
+
+
+def evaluate(model, loader_or_dataset, *, batch_size: int = 128, device="cpu", amp=None, progress: bool = True,
+             workers: int = 0, config: dict | None = None, desc: str = "eval") -> dict:
+    """Top-1/top-5 accuracy, mean cross-entropy, FLOPs and throughput of ``model`` on a dataset or loader.
+
+    ``loader_or_dataset``: a dataset of ``(image tensor, label)`` (under torchrun each rank takes
+    indices ``rank::world``), or a DataLoader over this rank's share. Counts are summed across ranks
+    when torch.distributed is initialised. ``amp``: None (fp32) or ``torch.bfloat16``/``torch.float16``.
+    Returns a dict with the keys of :data:`RESULT_KEYS` (accuracies are fractions in [0, 1]).
+    """
+    ctx = distributed.context(device)
+    net = common.unwrap(model)
+    was_training = net.training
+    net.eval().to(ctx.device)
+    if isinstance(loader_or_dataset, DataLoader):
+        loader = loader_or_dataset
+    else:
+        if len(loader_or_dataset) == 0:
+            raise UsageError(f"{desc}: the dataset {data.describe(loader_or_dataset)!r} is empty")
+        loader = make_loader(loader_or_dataset, batch_size, ctx, workers)
+    classes = getattr(net, "num_classes", None)
+    k5 = min(5, classes) if classes else 5
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct@1, correct@5, loss
+    images = skipped = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
+    with torch.inference_mode():
+        for batch in bar:
+            x, y, bad = data.unpack(batch)
+            skipped += int(bad)
+            if x is None:
+                continue
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            with common.autocast(ctx.device, amp):
+                logits = net(x)
+            logits = logits.float()
+            if classes and (y.min() < 0 or y.max() >= classes):
+                raise UsageError(f"{desc}: label {int(y.max())} outside the model's {classes} classes")
+            top = logits.topk(k5, dim=-1).indices
+            hit = top == y[:, None]
+            sums += torch.stack((hit[:, 0].sum().double(), hit.any(-1).sum().double(),
+                                 F.cross_entropy(logits, y, reduction="sum").double()))
+            images += len(y)
+    totals = distributed.all_reduce_sum([images, skipped, *sums.tolist()], ctx)
+    wall = time.perf_counter() - start
+    n, corrupt, c1, c5, loss = totals.tolist()
+    n = int(n)
+    net.train(was_training)
+    result = {
+        "images": n,
+        "top1": c1 / n if n else float("nan"),
+        "top5": c5 / n if n else float("nan"),
+        "top5_k": k5,
+        "correct_top1": int(c1),
+        "correct_top5": int(c5),
+        "loss": loss / n if n else float("nan"),
+        "gflops": vimtr.flops(net, convention="full") / 1e9,
+        "gflops_rmeeto": vimtr.flops(net, convention="rmeeto") / 1e9,
+        "params": sum(p.numel() for p in net.parameters()),
+        "tokens_per_block": tokens_per_block(net),
+        "corrupt": int(corrupt),
+        "wall_s": wall,
+        "images_per_s": n / wall if wall > 0 else float("nan"),
+        "world_size": ctx.world,
+        "config": {**model_summary(net), "batch_size": getattr(loader, "batch_size", batch_size),
+                   "device": str(ctx.device), "amp": None if amp is None else str(amp).replace("torch.", ""),
+                   "torch": torch.__version__, "vimtr": vimtr.__version__, "host": platform.node(),
+                   **(config or {})},
+    }
+    return result
+
+
+def format_table(result: dict) -> str:
+    red = result["config"].get("reduction")
+    red_text = "none" if not red else f"{red['method']} " + ", ".join(
+        f"{k}={v}" for k, v in red["params"].items() if k in ("r", "flops_reduction") or k == "interval")
+    tokens = result["tokens_per_block"]
+    rows = [
+        ("model", result["config"]["model"]),
+        ("reduction", red_text),
+        ("images", f"{result['images']}" + (f"  ({result['corrupt']} unreadable, skipped)" if result["corrupt"] else "")),
+        ("top-1", f"{100 * result['top1']:.2f} %"),
+        (f"top-{result['top5_k']}", f"{100 * result['top5']:.2f} %"),
+        ("loss", f"{result['loss']:.4f}"),
+        ("GFLOPs (full / R-MeeTo)", f"{result['gflops']:.3f} / {result['gflops_rmeeto']:.3f}"),
+        ("parameters", f"{result['params'] / 1e6:.2f} M"),
+        ("tokens per block", " ".join(map(str, tokens)) if len(set(tokens)) > 1 else f"{tokens[0]} (all blocks)"),
+        ("wall time", f"{result['wall_s']:.1f} s on {result['world_size']} process(es), {result['config']['device']}"),
+        ("images/s", f"{result['images_per_s']:.1f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+EPILOG = """\
+examples:
+  vimtr eval --model vim_digits --data digits
+  vimtr eval --checkpoint vim_t_midclstok_76p1acc.pth --data /data/imagenet/val --json vim_t.json
+  vimtr eval --checkpoint vim_b_midclstok_81p9acc.pth --ema --method mtr --flops-reduction 0.4 \\
+      --data /data/imagenet/val --amp bf16 --batch-size 256
+  vimtr eval --checkpoint vim_s_midclstok_80p5acc.pth --method rmeeto --r 11 --param ordered=true --data ...
+  torchrun --nproc_per_node 8 -m vimtr eval --checkpoint runs/vim_s_r11/best.pt --data /data/imagenet/val
+
+--data DIR is an ImageFolder (one folder per class; ImageNet's sorted synset folders give the official
+class indices); a DIR holding val/ uses DIR/val. JSON keys: images, top1, top5 (fractions), loss, gflops
+(full convention), gflops_rmeeto, params, tokens_per_block, corrupt, wall_s, images_per_s, config.
+"""
+
+
+def add_cli(subparsers):
+    p = subparsers.add_parser("eval", help="accuracy, loss, FLOPs and throughput of a (reduced) model",
+                              description="Evaluate a Vision Mamba model, optionally token-reduced, on an "
+                                          "ImageFolder or the built-in digits set. Exact under torchrun.",
+                              epilog=EPILOG, formatter_class=common.HelpFormatter)
+    common.add_model_args(p)
+    common.add_reduction_args(p)
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", required=True, metavar="DIR|digits", help="ImageFolder (ImageNet val layout) or digits")
+    g.add_argument("--batch-size", type=int, default=128, help="per process")
+    g.add_argument("--amp", choices=("bf16", "fp16"), help="autocast on GPU (default fp32)")
+    g.add_argument("--json", metavar="PATH", help="write the results here (atomically)")
+    common.add_runtime_args(p, workers=4)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    """The ``vimtr eval`` command: 0 on success (bad input exits with a one-line message)."""
+    execute(args)
+    return 0
+
+
+def execute(args) -> dict:
+    """Run the command and return its results (rank 0 and the others alike)."""
+    with common.cli_errors("eval"):
+        ctx = distributed.setup(args.device)
+        try:
+            return _run(args, ctx)
+        finally:
+            distributed.cleanup()
+
+
+def _run(args, ctx: distributed.Context):
+    common.check_batch_size(args.batch_size)
+    amp = common.amp_dtype(args.amp, ctx.device)
+    model = common.load_from_args(args)
+    common.apply_reduction(model, common.reduction_spec(args))
+    transform = None
+    if args.data != data.DIGITS:
+        from vimtr.data import eval_transform
+        transform = eval_transform(model)
+    dataset = data.load_dataset(args.data, "val", transform=transform, on_corrupt=args.on_corrupt)
+    data.check_classes(model, dataset)
+    data.check_image_model(model, dataset)
+    config = {"checkpoint": args.checkpoint, "ema": args.ema, "data": data.describe(dataset),
+              "on_corrupt": args.on_corrupt, "command": "eval"}
+    result = evaluate(model, dataset, batch_size=args.batch_size, device=ctx.device, amp=amp,
+                      progress=not args.no_progress, workers=args.workers, config=config)
+    if ctx.is_main:
+        print(format_table(result), flush=True)
+        if args.json:
+            common.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    common.main_entry(add_cli, "eval")
