@@ -42,7 +42,6 @@ from vimtr.reduce.merge import Plan, proportional_cls_pos, split_cls
 class EViT(TokenReducer):
     name = "evit"
     PARAMS = {"score": "cls", "fuse": True}
-    _fusion = None  # (indices, weights) of the fused tokens, from plan() to __call__ within one step
 
     def check_params(self):
         if self.params["score"] not in ("cls", "clip"):
@@ -70,33 +69,15 @@ class EViT(TokenReducer):
         cls_pos = proportional_cls_pos(state.cls_index, state.length, r)
         if not self.params["fuse"]:
             return Plan(keep=top, cls_pos=cls_pos)
-        # The fused token is carried by the plan as "the best inattentive token, with the others merged
-        # into it", appended last: sizes and sources then come out right. Its value (a score-weighted mean,
-        # not apply_plan's size-weighted one) is written by __call__.
+        # The fused token is "the best inattentive token, with the others merged into it", appended last;
+        # its value is the softmax(score)-weighted mean of the group (weights keep their gradient, as EViT),
+        # so the plan carries those weights for this step's means instead of the sizes.
         keep = torch.cat((top, rest[:, :1]), dim=1)
         dst = torch.full_like(rest[:, 1:], T - n_fused)
-        self._fusion = (rest, torch.softmax(s.gather(1, rest), dim=-1).unsqueeze(-1))
-        return Plan(keep=keep, src=rest[:, 1:], dst=dst, cls_pos=cls_pos)
-
-    def __call__(self, block, state):
-        self._fusion = None  # only a plan() made during this very step may be used below
-        before = state
-        state = super().__call__(block, state)
-        fusion, self._fusion = self._fusion, None  # and never kept past it (it holds a graph in training)
-        if fusion is None:
-            return state
-        idx, w = fusion
-        # The fused token is the last non-class row of the output.
-        pos = state.length - 1 - (state.cls_index is not None and state.cls_index == state.length - 1)
-        for attr in ("hidden", "residual"):
-            x = getattr(before, attr)
-            if x is None:
-                continue
-            _, rest = split_cls(x, before.cls_index)
-            fused = (rest.gather(1, idx.unsqueeze(-1).expand(-1, -1, rest.shape[-1])) * w).sum(1, keepdim=True)
-            y = getattr(state, attr)
-            setattr(state, attr, torch.cat((y[:, :pos], fused.to(y.dtype), y[:, pos + 1:]), dim=1))
-        return state
+        w = torch.ones_like(s).scatter(1, rest, torch.softmax(s.gather(1, rest), dim=-1)).unsqueeze(-1)
+        weight = w if state.cls_index is None else torch.cat(
+            (w[:, :state.cls_index], torch.ones_like(w[:, :1]), w[:, state.cls_index:]), dim=1)
+        return Plan(keep=keep, src=rest[:, 1:], dst=dst, cls_pos=cls_pos, weight=weight)
 
     def overhead_macs(self, length, r):
         C = self.embed_dim

@@ -6,7 +6,10 @@ token is taken out first and put back afterwards) as a :class:`Plan`:
 - ``keep`` (B, T'): which tokens survive, in output order;
 - ``src`` / ``dst`` (B, r): tokens merged away and the output position each one is merged into
   (``None`` for pure pruning);
-- ``cls_pos``: where the class token is re-inserted in the output.
+- ``cls_pos``: where the class token is re-inserted in the output;
+- optionally ``weight``, per-token weights for this step's means instead of the sizes (EViT's
+  score-weighted fusion), and ``residual``, a different plan for the residual stream (UTR merges there
+  what it prunes from the hidden stream).
 
 :func:`apply_plan` carries out a plan on any per-token tensor: hidden states, the residual stream,
 sizes and sources all go through the same map, so they never disagree.
@@ -26,6 +29,8 @@ class Plan:
     src: torch.Tensor | None = None  # (B, r) long, indices into the class-free sequence
     dst: torch.Tensor | None = None  # (B, r) long, positions in ``keep`` (the output) they merge into
     cls_pos: int | None = None  # class-token index in the output (None: model without class token)
+    weight: torch.Tensor | None = None  # (B, L, 1), class slot included: weights for the means, not sizes
+    residual: "Plan | None" = None  # the plan for the residual stream, if it differs
 
 
 def split_cls(x: torch.Tensor, cls_index: int | None):
@@ -77,9 +82,9 @@ def apply_plan(x: torch.Tensor, plan: Plan, cls_index: int | None, weight: torch
 def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> TokenState:
     """Reduce every stream of ``state`` with the same plan (hidden and residual: weighted means)."""
     ci = state.cls_index
-    weight = state.sizes if weighted else None
+    weight = plan.weight if plan.weight is not None else (state.sizes if weighted else None)
     hidden = apply_plan(state.hidden, plan, ci, weight)
-    residual = None if state.residual is None else apply_plan(state.residual, plan, ci, weight)
+    residual = None if state.residual is None else apply_plan(state.residual, plan.residual or plan, ci, weight)
     sizes = apply_plan(state.sizes, plan, ci, normalise=False)
     source = None if state.source is None else apply_plan(state.source, plan, ci, normalise=False)
     return TokenState(hidden=hidden, residual=residual, cls_index=plan.cls_pos if ci is not None else None,

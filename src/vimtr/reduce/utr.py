@@ -47,14 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from vimtr.reduce.base import TokenReducer
-from vimtr.reduce.merge import Plan, _gather, apply_plan, proportional_cls_pos, similarity, split_cls
+from vimtr.reduce.merge import Plan, _gather, proportional_cls_pos, similarity, split_cls
 from vimtr.reduce.rmeeto import RMeeTo
 
 
 class UTR(TokenReducer):
     name = "utr"
     PARAMS = {"prune_ratio": 0.5, "feature": "clip", "residual": "merge"}
-    _residual_plan = None  # the all-merge plan for the residual stream, from plan() to __call__
 
     def check_params(self):
         p = self.params
@@ -87,19 +86,11 @@ class UTR(TokenReducer):
             n_merge = int((1.0 - float(self.params["prune_ratio"])) * r + 1e-6)
             merged = score.gather(1, src).argsort(dim=-1, descending=True)[:, :n_merge]
         cls_pos = proportional_cls_pos(state.cls_index, state.length, r)
-        if self.params["residual"] == "merge" and n_merge < r:
-            self._residual_plan = Plan(keep=keep, src=src, dst=dst_pos, cls_pos=cls_pos)
-        return Plan(keep=keep, src=src.gather(1, merged), dst=dst_pos.gather(1, merged), cls_pos=cls_pos)
-
-    def __call__(self, block, state):
-        self._residual_plan = None  # only a plan() made during this very step may be used below
-        residual, sizes, cls_index = state.residual, state.sizes, state.cls_index
-        state = super().__call__(block, state)
-        plan, self._residual_plan = self._residual_plan, None
-        if plan is not None and residual is not None:
-            # Same weights as the hidden stream's merge: the sizes before this step.
-            state.residual = apply_plan(residual, plan, cls_index, sizes if self.weighted else None)
-        return state
+        residual = None
+        if self.params["residual"] == "merge" and n_merge < r:  # the residual stream merges all r
+            residual = Plan(keep=keep, src=src, dst=dst_pos, cls_pos=cls_pos)
+        return Plan(keep=keep, src=src.gather(1, merged), dst=dst_pos.gather(1, merged), cls_pos=cls_pos,
+                    residual=residual)
 
     def overhead_macs(self, length, r):
         C, T = self.embed_dim, length - 1
