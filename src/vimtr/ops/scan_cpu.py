@@ -1,0 +1,765 @@
+"""Fast CPU selective scan: forward and backward as numba-compiled kernels (no build step at install).
+
+:func:`selective_scan_cpu` has exactly the signature and semantics of
+:func:`vimtr.ops.selective_scan.selective_scan_ref` (mamba_ssm's ``selective_scan_ref``)::
+
+    Δ_t   = softplus(delta_t + delta_bias)            (if delta_softplus; threshold 20, as torch)
+    h_t   = exp(Δ_t·A) ⊙ h_{t-1} + Δ_t·B_t·u_t
+    y_t   = Σ_n C_t[n]·h_t[n] + D·u_t
+    out_t = y_t · SiLU(z_t)                            (if z is given)
+
+with u, delta, z (Bt, E, L); A (E, N) real; B, C (Bt, N, L); D, delta_bias (E,). Gradients flow to every
+input that requires one (and from ``last_state`` too, when it is returned and used).
+
+Why it is shaped the way it is (every number below was measured, see benchmarks/NOTES.md):
+
+* **One exp per (token, channel, state), and that exp is the cost.** The reference materialises the
+  (Bt, E, L, N) decay tensor with torch.exp and then loops in Python; here one pass over L per
+  (batch, channel) row keeps the N states in a tiny buffer and computes each decay on the fly.
+* **A vectorisable exp.** numba lowers ``math.exp`` to a libm call per element (no SVML in the wheels),
+  which would cost ~5x the rest of the loop. In float32 the decay is computed as 2**(Δ·A·log2 e) with a
+  degree-5 polynomial (relative error < 2e-7, ~3 ulp) and the exponent written into the float's bits,
+  all plain arithmetic that LLVM vectorises over the N states. Mamba always has A = -exp(A_log) < 0
+  and Δ = softplus(·) ≥ 0, so the argument is ≤ 0 and only an underflow clamp is needed; rows whose
+  Δ or A break that (A > 0, Δ < 0, non-finite values) take a second copy of the loop whose exp also
+  handles overflow (inf) and NaN, so no input gives a wrong answer, only a slower one.
+  float64 (used by the gradient checks) uses ``math.exp``: exact, not fast.
+* **N fixed at compile time for N = 16** (Vim's d_state): LLVM then unrolls the state loop into two
+  AVX2 registers with no remainder code (+19% on the forward). Other N use the generic kernel.
+* **softplus, D and the SiLU(z) gate are fused** as per-row passes over L before/after the recurrence,
+  written with the same polynomial exp (and a series log1p) so they vectorise too; leaving them to
+  torch (four extra passes over (Bt, E, L) tensors) makes the call 1.7-1.9x slower at Vim-Ti batch 8.
+* **Strided inputs are read in place.** Vim's mixer hands over ``delta`` and ``z`` as transposed views
+  of (B, L, E) tensors; copying them to (B, E, L) first would cost more than the scan saves. Each of
+  u, delta, z, the output (and the incoming gradient) goes to the kernel as its storage span plus
+  element strides, so every layout is one compiled kernel. Contiguous rows are used in place; other
+  rows are moved through tiles of 16 channels (a token's 16 values are one 64-byte read for a
+  channel-last view), which costs ~20% where reading them element by element cost ~90%. B and C are
+  small and are transposed to (Bt, L, N) so a token's N values are contiguous.
+* ``reverse=True`` scans from the last token (negated token strides): Vim's backward direction
+  without flipping five tensors and the output.
+* **Threads:** rows are split into one contiguous chunk per thread (``torch.get_num_threads()``); the
+  kernels release the GIL and run on a small persistent thread pool plus the calling thread. This
+  avoids a second OpenMP runtime next to torch's (numba's ``parallel=True``), compiles much faster,
+  and makes the partial sums of the backward deterministic.
+* **Backward recomputes** the states of one row into an (L+1)×N buffer (12.6 KB for Vim, cache
+  resident) instead of storing (Bt, E, L, N) states in the forward: no memory cost for inference and
+  ~one extra forward of work in the backward. The reductions over channels (dB, dC) go to one partial
+  buffer per chunk, summed afterwards; those over batch (dA, dD, d delta_bias) to per-row buffers.
+
+Dtypes: float32 and float64 are computed natively (float64 in float64, unlike the reference, which
+computes everything in float32). float16/bfloat16 are upcast to float32, like the reference does, and
+the output is cast back to the input's dtype. Integer, bool and complex inputs raise ``TypeError``;
+non-CPU tensors, wrong ranks or shapes raise ``ValueError`` naming the argument and the expected shape.
+
+Compiled kernels are cached on disk by numba (``cache=True``): the first call in a fresh environment
+spends a few seconds compiling, later processes load them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+from vimtr.ops.selective_scan import selective_scan_ref
+
+__all__ = ["selective_scan_cpu"]
+
+# ------------------------------------------------------------------------------------ fast-math policy
+# Kernels may reassociate (needed to vectorise the Σ_n C·h reduction) and contract to FMA, but keep NaN
+# and inf semantics (no nnan/ninf) so non-finite inputs propagate as in the reference. Helpers whose
+# correctness depends on exact rounding (the round-to-nearest-by-magic-number trick below) allow only
+# contraction; numba compiles them as separate functions and LLVM inlines them keeping each
+# instruction's own flags.
+_FM_KERNEL = {"contract", "reassoc", "nsz", "arcp"}
+_FM_EXACT = {"contract"}
+
+_F = np.float32
+_LOG2E = _F(1.4426950408889634)
+_ZERO, _ONE, _TWO, _TWENTY = _F(0.0), _F(1.0), _F(2.0), _F(20.0)
+_MAGIC = _F(12582912.0)  # 1.5·2**23: adding it rounds a |y| < 2**22 to an integer held in the low mantissa bits
+_YMIN = _F(-126.0)  # smallest exponent of a normal float32
+_YMIN_ANY = _F(-125.0)
+_YMAX_ANY = _F(128.0)
+# Near-minimax (relative error) polynomial for 2**f on [-1/2, 1/2], fitted for this kernel (Lawson's
+# iteratively reweighted least squares on 4001 Chebyshev nodes; max relative error 9e-8 in exact
+# arithmetic, < 2e-7 evaluated in float32).
+_P1, _P2, _P3 = _F(6.931470037e-01), _F(2.402224243e-01), _F(5.550733581e-02)
+_P4, _P5 = _F(9.671512991e-03), _F(1.326472731e-03)
+# log1p(w) = 2·atanh(s), s = w / (2 + w) ∈ [0, 1/3] for w ∈ [0, 1]: odd series, terms to s**13 (rel. err < 2e-8).
+_Q3, _Q5, _Q7, _Q9, _Q11, _Q13 = (_F(1 / 3), _F(1 / 5), _F(1 / 7), _F(1 / 9), _F(1 / 11), _F(1 / 13))
+
+
+@intrinsic
+def _scale_by_rounded(typingctx, p, t):
+    """float32 p · 2**k where k is the integer held in t's low mantissa bits (t = y + 1.5·2**23).
+
+    Adds k to p's exponent field with integer arithmetic: bits(t) << 23 == k << 23 (mod 2**32) because
+    the magic constant's own low bits vanish under the shift. numba has no scalar bitcast, hence an
+    intrinsic; it compiles to two vector integer ops.
+    """
+    if isinstance(p, types.Float) and p.bitwidth == 32 and t == p:
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            pb = builder.bitcast(args[0], i32)
+            tb = builder.bitcast(args[1], i32)
+            return builder.bitcast(builder.add(pb, builder.shl(tb, ir.Constant(i32, 23))), ir.FloatType())
+        return types.float32(p, t), codegen
+    return None
+
+
+@njit(fastmath=_FM_EXACT, error_model="numpy", cache=True)
+def _exp2_core_f32(y):
+    """2**y for float32 y in [-126, 127] (no range handling): round, degree-5 polynomial, scale."""
+    t = y + _MAGIC
+    f = y - (t - _MAGIC)  # y - round(y), in [-1/2, 1/2]
+    p = ((((_P5 * f + _P4) * f + _P3) * f + _P2) * f + _P1) * f + _ONE
+    return _scale_by_rounded(p, t)
+
+
+@njit(fastmath=_FM_EXACT, error_model="numpy", cache=True)
+def _exp2_nonpos_f32(y):
+    """2**y for y ≤ 0 (or -inf). Below -126 it returns 2**-126 ≈ 1.2e-38 instead of a denormal."""
+    return _exp2_core_f32(max(y, _YMIN))
+
+
+@njit(fastmath=_FM_EXACT, error_model="numpy", cache=True)
+def _exp2_any_f32(y):
+    """2**y for any float32 y: inf from 128 up, 0 below -125 (denormals flushed), NaN stays NaN."""
+    # Evaluate 2**(y-1)·2 so y up to 128 stays inside the exponent field; 2**127·2 rounds to inf.
+    r = _exp2_core_f32(min(max(y, _YMIN_ANY), _YMAX_ANY) - _ONE) * _TWO
+    if y < _YMIN_ANY:
+        r = _ZERO
+    if math.isnan(y):
+        r = y
+    return r
+
+
+@njit(fastmath=_FM_EXACT, error_model="numpy", cache=True)
+def _softplus_f32(x):
+    """log(1 + e**x), = x above 20 (torch's threshold); max(x, 0) + log1p(e**-|x|) below, vectorisable."""
+    w = _exp2_nonpos_f32(-abs(x) * _LOG2E)
+    s = w / (_TWO + w)
+    s2 = s * s
+    lg = _TWO * s * (_ONE + s2 * (_Q3 + s2 * (_Q5 + s2 * (_Q7 + s2 * (_Q9 + s2 * (_Q11 + s2 * _Q13))))))
+    r = max(x, _ZERO) + lg
+    if not (x <= _TWENTY):  # also passes NaN and +inf through unchanged
+        r = x
+    return r
+
+
+@njit(fastmath=_FM_EXACT, error_model="numpy", cache=True)
+def _sigmoid_f32(x):
+    return _ONE / (_ONE + _exp2_any_f32(-x * _LOG2E))
+
+
+@njit(error_model="numpy", cache=True)
+def _softplus_f64(x):
+    return math.log1p(math.exp(x)) if x <= 20.0 else x
+
+
+@njit(error_model="numpy", cache=True)
+def _sigmoid_f64(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# Dtype dispatch for the generic kernels. float32 "a" is A·log2(e) (decays are powers of two), float64
+# "a" is A itself (decays are math.exp).
+def _decay_fast(y):  # pragma: no cover - typing stub, replaced by the overload in compiled code
+    raise NotImplementedError
+
+
+def _decay_any(y):  # pragma: no cover
+    raise NotImplementedError
+
+
+def _softplus(x):  # pragma: no cover
+    raise NotImplementedError
+
+
+def _sigmoid(x):  # pragma: no cover
+    raise NotImplementedError
+
+
+def _by_dtype(f32_impl, f64_impl):
+    def typer(x):
+        if x == types.float32:
+            return lambda x: f32_impl(x)
+        if x == types.float64:
+            return lambda x: f64_impl(x)
+        return None
+    return typer
+
+
+overload(_decay_fast)(_by_dtype(_exp2_nonpos_f32, njit(cache=True)(lambda y: math.exp(y))))
+overload(_decay_any)(_by_dtype(_exp2_any_f32, njit(cache=True)(lambda y: math.exp(y))))
+overload(_softplus)(_by_dtype(_softplus_f32, _softplus_f64))
+overload(_sigmoid)(_by_dtype(_sigmoid_f32, _sigmoid_f64))
+
+
+# -------------------------------------------------------------------------------------------- kernels
+# Row i of the work is (b, e) = divmod(i, E); each call handles rows [lo, hi). u, delta, z (and dout)
+# arrive as 1-D views of their storage span with (batch, channel, token) element strides in s*.
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _load_row(src, off, stride, dst):
+    """dst[t] = src[off + t·stride]: a row of a strided tensor into a contiguous buffer.
+
+    The unit-stride case gets its own loop so LLVM sees a plain vectorisable copy; the general case is a
+    gather (e.g. the channel-last ``delta`` and ``z`` views Vim's mixer passes, or a reversed row).
+    """
+    if stride == 1:
+        for t in range(dst.shape[0]):
+            dst[t] = src[off + t]
+    else:
+        for t in range(dst.shape[0]):
+            dst[t] = src[off + t * stride]
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _store_row(dst, off, stride, src):
+    """dst[off + t·stride] = src[t], the inverse of :func:`_load_row`."""
+    if stride == 1:
+        for t in range(src.shape[0]):
+            dst[off + t] = src[t]
+    else:
+        for t in range(src.shape[0]):
+            dst[off + t * stride] = src[t]
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _count_positive(a):
+    """How many entries of A are not ≤ 0 (NaN counts): 0 means Δ·A ≤ 0 wherever Δ ≥ 0."""
+    bad = 0
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            if not (a[i, j] <= 0):
+                bad += 1
+    return bad
+
+
+@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+def _delta_row(dl, off, stride, bse, softplus, dtb):
+    """Δ for one row into dtb; returns the count of Δ that are negative or non-finite (0: fast exp valid).
+
+    Three separate loops (load + bias, softplus, check) because each vectorises on its own, while a
+    fused one does not (measured: 0.73 ms vs 1.34 ms for 8×384 rows of 197).
+    """
+    zero = dtb.dtype.type(0)
+    one = dtb.dtype.type(1)
+    inf = dtb.dtype.type(math.inf)
+    L = dtb.shape[0]
+    if stride == 1:
+        for t in range(L):
+            dtb[t] = dl[off + t] + bse
+    else:
+        for t in range(L):
+            dtb[t] = dl[off + t * stride] + bse
+    if softplus:
+        for t in range(L):
+            dtb[t] = _softplus(dtb[t])
+    bad = zero  # a float count: a float reduction vectorises next to float compares, an int64 one did not
+    for t in range(L):
+        x = dtb[t]
+        bad += zero if (x >= zero) & (x < inf) else one
+    return bad
+
+
+# Row i of the work is (b, e) = divmod(i, E); each call handles rows [lo, hi). u, delta, z, the output
+# (and the incoming gradient) are 1-D views of their storage span; s* = (base, batch, channel, token)
+# element strides, so row (b, e) starts at s[0] + b·s[1] + e·s[2] and steps by s[3]. A reversed scan
+# just starts at the row's last token with a negated token stride.
+
+
+_G = 16  # channels per tile when operands are channel-last (one 64-byte line of float32 per token)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _load_tile(src, off, s_e, s_l, gw, L, dst):
+    """dst[w·L + t] = src[off + w·s_e + t·s_l] for w < gw: gw rows of a strided (B, E, L) tensor into
+    contiguous rows. For a channel-last tensor (s_e = 1) each token's gw values are one contiguous read,
+    where loading the rows one by one would touch a cache line per element."""
+    for t in range(L):
+        base = off + t * s_l
+        for w in range(gw):
+            dst[w * L + t] = src[base + w * s_e]
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _store_tile(dst, off, s_e, s_l, gw, L, src):
+    """The inverse of :func:`_load_tile`."""
+    for t in range(L):
+        base = off + t * s_l
+        for w in range(gw):
+            dst[base + w * s_e] = src[w * L + t]
+
+
+def _build_forward(nfix):
+    """The forward kernel; ``nfix`` > 0 fixes N at compile time (LLVM then fully unrolls the state loop)."""
+
+    @njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+    def forward(lo, hi, L, u, su, dl, sd, a, a_ok, Bt, Ct, D, zf, sz, bias, has_D, has_z, has_bias, softplus,
+                of, so, last):
+        _, E, N_ = last.shape
+        N = nfix if nfix > 0 else N_
+        dtype = last.dtype
+        zero = dtype.type(0)
+        one = dtype.type(1)
+        # Operands whose rows are not contiguous (channel-last views, reversed rows) go through tiles of
+        # _G rows; contiguous ones are read and written in place.
+        tile_u, tile_d = su[3] != 1, sd[3] != 1
+        tile_z, tile_o = has_z and sz[3] != 1, so[3] != 1
+        Ut = np.empty(_G * L, dtype)
+        Dt = np.empty(_G * L, dtype)
+        Zt = np.empty(_G * L, dtype)
+        Yt = np.empty(_G * L, dtype)
+        dtb = np.empty(L, dtype)
+        zb = np.empty(L, dtype)
+        h = np.empty(N, dtype)
+        i = lo
+        while i < hi:
+            b = i // E
+            e0 = i - b * E
+            gw = min(_G, E - e0, hi - i)  # rows e0 .. e0+gw-1 of batch b
+            if tile_u:
+                _load_tile(u, su[0] + b * su[1] + e0 * su[2], su[2], su[3], gw, L, Ut)
+            if tile_d:
+                _load_tile(dl, sd[0] + b * sd[1] + e0 * sd[2], sd[2], sd[3], gw, L, Dt)
+            if tile_z:
+                _load_tile(zf, sz[0] + b * sz[1] + e0 * sz[2], sz[2], sz[3], gw, L, Zt)
+            for w in range(gw):
+                e = e0 + w
+                # Δ for the whole row first: a vectorisable pass, and it tells whether the fast exp is valid.
+                bse = bias[e] if has_bias else zero
+                if tile_d:
+                    nbad = _delta_row(Dt, w * L, 1, bse, softplus, dtb)
+                else:
+                    nbad = _delta_row(dl, sd[0] + b * sd[1] + e * sd[2], 1, bse, softplus, dtb)
+                if not a_ok:
+                    nbad += one
+                if tile_u:
+                    ur = Ut[w * L:(w + 1) * L]
+                else:
+                    u0 = su[0] + b * su[1] + e * su[2]
+                    ur = u[u0:u0 + L]  # read in place
+                if tile_o:
+                    yr = Yt[w * L:(w + 1) * L]
+                else:
+                    o0 = so[0] + b * so[1] + e * so[2]
+                    yr = of[o0:o0 + L]  # write in place
+                for n in range(N):
+                    h[n] = zero
+                if nbad == 0:
+                    # Δ·A ≤ 0 everywhere: the decay exp needs only its underflow clamp.
+                    for t in range(L):
+                        d = dtb[t]
+                        du = d * ur[t]
+                        Bv = Bt[b, t]
+                        Cv = Ct[b, t]
+                        acc = zero
+                        for n in range(N):
+                            hn = _decay_fast(d * a[e, n]) * h[n] + du * Bv[n]
+                            h[n] = hn
+                            acc += hn * Cv[n]
+                        yr[t] = acc
+                else:
+                    for t in range(L):
+                        d = dtb[t]
+                        du = d * ur[t]
+                        Bv = Bt[b, t]
+                        Cv = Ct[b, t]
+                        acc = zero
+                        for n in range(N):
+                            hn = _decay_any(d * a[e, n]) * h[n] + du * Bv[n]
+                            h[n] = hn
+                            acc += hn * Cv[n]
+                        yr[t] = acc
+                # Skip connection and gate, a second vectorisable pass over the row.
+                De = D[e] if has_D else zero
+                if has_z:
+                    if tile_z:
+                        zr = Zt[w * L:(w + 1) * L]
+                    else:
+                        _load_row(zf, sz[0] + b * sz[1] + e * sz[2], 1, zb)
+                        zr = zb
+                    for t in range(L):
+                        zz = zr[t]
+                        yr[t] = (yr[t] + De * ur[t]) * (zz * _sigmoid(zz))
+                elif has_D:
+                    for t in range(L):
+                        yr[t] = yr[t] + De * ur[t]
+                for n in range(N):
+                    last[b, e, n] = h[n]
+            if tile_o:
+                _store_tile(of, so[0] + b * so[1] + e0 * so[2], so[2], so[3], gw, L, Yt)
+            i += gw
+
+    return forward
+
+
+_forward_n16 = _build_forward(16)
+_forward_any = _build_forward(0)
+
+
+@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+def _backward(lo, hi, chunk, L, u, su, dl, sd, A, a, a_ok, Bt, Ct, D, zf, sz, bias, has_D, has_z, has_bias,
+              softplus, go, sg, dlast, has_dlast, sgo, du, ddl, dz, dA_rows, dD_rows, dbias_rows,
+              dB_part, dC_part):
+    """Gradients for rows [lo, hi) in processing order; du, ddelta, dz go out through the strides sgo
+    (shared by the three, contiguous (B, E, L) tensors); channel sums into dB_part[chunk], dC_part[chunk]
+    (Bt, L, N), in processing order."""
+    _, E, N = dA_rows.shape
+    dtype = dA_rows.dtype
+    zero = dtype.type(0)
+    one = dtype.type(1)
+    thr = dtype.type(20)
+    xb = np.empty(L, dtype)       # delta + bias (the softplus input)
+    dtb = np.empty(L, dtype)      # Δ
+    ub = np.empty(L, dtype)
+    zb = np.empty(L, dtype)
+    gb = np.empty(L, dtype)       # incoming gradient of the row
+    yb = np.empty(L, dtype)       # y + D·u before the gate (for dz)
+    dub = np.empty(L, dtype)
+    ddb = np.empty(L, dtype)
+    dzb = np.empty(L, dtype)
+    H = np.empty((L + 1, N), dtype)  # H[t + 1] = h_t, H[0] = 0
+    DA = np.empty((L, N), dtype)     # decays exp(Δ_t·A)
+    g = np.empty(N, dtype)           # running ∂loss/∂h_t
+    gA = np.empty(N, dtype)
+    for i in range(lo, hi):
+        b = i // E
+        e = i - b * E
+        bse = bias[e] if has_bias else zero
+        De = D[e] if has_D else zero
+        d0 = sd[0] + b * sd[1] + e * sd[2]
+        nbad = _delta_row(dl, d0, sd[3], bse, softplus, dtb)
+        if not a_ok:
+            nbad += one
+        if softplus:
+            _load_row(dl, d0, sd[3], xb)
+            for t in range(L):
+                xb[t] = xb[t] + bse
+        _load_row(u, su[0] + b * su[1] + e * su[2], su[3], ub)
+        _load_row(go, sg[0] + b * sg[1] + e * sg[2], sg[3], gb)
+        if has_z:
+            _load_row(zf, sz[0] + b * sz[1] + e * sz[2], sz[3], zb)
+        Bb = Bt[b]
+        Cb = Ct[b]
+        dBp = dB_part[chunk, b]
+        dCp = dC_part[chunk, b]
+        ae = a[e]
+        Ae = A[e]
+        # Recompute the row's states and decays (same arithmetic as the forward).
+        for n in range(N):
+            H[0, n] = zero
+        for t in range(L):
+            d = dtb[t]
+            dut = d * ub[t]
+            if nbad == 0:
+                for n in range(N):
+                    DA[t, n] = _decay_fast(d * ae[n])
+            else:
+                for n in range(N):
+                    DA[t, n] = _decay_any(d * ae[n])
+            acc = zero
+            for n in range(N):
+                hn = DA[t, n] * H[t, n] + dut * Bb[t, n]
+                H[t + 1, n] = hn
+                acc += hn * Cb[t, n]
+            yb[t] = acc + De * ub[t]
+        # Backward recurrence, t = L-1 .. 0. The state loop is split in four so that each touches few
+        # arrays (LLVM's runtime alias checks then stay small).
+        for n in range(N):
+            g[n] = dlast[b, e, n] if has_dlast else zero
+            gA[n] = zero
+        dD_acc = zero
+        db_acc = zero
+        for tt in range(L):  # (numba compiles a negative-step range ~35% slower here)
+            t = L - 1 - tt
+            gt = gb[t]
+            ut = ub[t]
+            if has_z:
+                zz = zb[t]
+                sgm = _sigmoid(zz)
+                dy = gt * zz * sgm
+                dzb[t] = gt * yb[t] * sgm * (one + zz * (one - sgm))
+            else:
+                dy = gt
+            dD_acc += dy * ut
+            d = dtb[t]
+            dut = d * ut
+            for n in range(N):  # ∂loss/∂h_t: from y_t, plus what flowed back from h_{t+1}
+                g[n] += dy * Cb[t, n]
+            for n in range(N):  # C enters y_t = Σ C·h_t (summed over channels across rows)
+                dCp[t, n] += dy * H[t + 1, n]
+            s_b = zero  # Σ_n g_n · B_n
+            for n in range(N):  # B enters through Δ·u·B
+                dBp[t, n] += g[n] * dut
+                s_b += g[n] * Bb[t, n]
+            s_a = zero  # Σ_n ∂loss/∂(Δ·A_n) · A_n
+            for n in range(N):  # the decay exp(Δ·A): to A, to Δ, and on to h_{t-1}
+                q = g[n] * H[t, n] * DA[t, n]
+                s_a += q * Ae[n]
+                gA[n] += q * d
+                g[n] = g[n] * DA[t, n]
+            dub[t] = dy * De + s_b * d
+            gd = s_a + s_b * ut
+            if softplus:
+                x = xb[t]
+                if x <= thr:
+                    gd = gd * _sigmoid(x)
+            ddb[t] = gd
+            db_acc += gd
+        o0 = sgo[0] + b * sgo[1] + e * sgo[2]
+        _store_row(du, o0, sgo[3], dub)
+        _store_row(ddl, o0, sgo[3], ddb)
+        if has_z:
+            _store_row(dz, o0, sgo[3], dzb)
+        for n in range(N):
+            dA_rows[b, e, n] = gA[n]
+        dD_rows[b, e] = dD_acc
+        dbias_rows[b, e] = db_acc
+
+
+# ------------------------------------------------------------------------------------------- threads
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] | None = None
+_pool_lock = threading.Lock()
+_MIN_WORK_PER_THREAD = 1 << 15  # state updates; below this a thread hand-off costs more than it saves
+
+
+def _threads_for(rows: int, work: int) -> int:
+    n = max(1, torch.get_num_threads())
+    return max(1, min(n, rows, work // _MIN_WORK_PER_THREAD))
+
+
+def _get_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_key
+    key = (os.getpid(), workers)  # a forked child must not reuse the parent's (dead) worker threads
+    with _pool_lock:
+        if _pool is None or _pool_key != key:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vimtr-scan")
+            _pool_key = key
+        return _pool
+
+
+def _run_rows(call, rows: int, work: int) -> int:
+    """Run ``call(lo, hi, chunk)`` over [0, rows) in one contiguous chunk per thread; returns the chunk count."""
+    nt = _threads_for(rows, work)
+    if nt == 1:
+        call(0, rows, 0)
+        return 1
+    bounds = [rows * k // nt for k in range(nt + 1)]
+    pool = _get_pool(nt - 1)
+    futures = [pool.submit(call, bounds[k], bounds[k + 1], k) for k in range(1, nt)]
+    try:
+        call(bounds[0], bounds[1], 0)
+    finally:
+        for f in futures:  # wait for all before returning or re-raising: they write into our buffers
+            f.result()
+    return nt
+
+
+# -------------------------------------------------------------------------------- tensors <-> kernels
+def _span(x: torch.Tensor, reverse: bool = False):
+    """(1-D numpy view of x's storage span, int64 (base, batch, channel, token) strides): lets a kernel
+    read or write the (B, E, L) tensor x in place, in token order or (``reverse``) from the last token."""
+    span = 1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride())) if x.numel() else 0
+    flat = torch.as_strided(x.detach(), (span,), (1,))
+    sb, se, sl = x.stride()
+    base = 0
+    if reverse:
+        base, sl = (x.shape[2] - 1) * sl, -sl
+    return flat.numpy(), np.array([base, sb, se, sl], dtype=np.int64)
+
+
+def _empty(dtype, ndim=1):
+    return np.empty((0,) * ndim, dtype=dtype)
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, reverse):
+    """Kernel arguments shared by the forward and the backward."""
+    npdt = np.float32 if u.dtype == torch.float32 else np.float64
+    uf, su = _span(u, reverse)
+    df, sd = _span(delta, reverse)
+    a = A.detach() * float(_LOG2E) if u.dtype == torch.float32 else A.detach()
+    a = a.contiguous().numpy()
+    a_ok = _count_positive(a) == 0  # with Δ ≥ 0 (checked per row in the kernel) the fast exp is valid
+    if reverse:
+        B, C = B.flip(-1), C.flip(-1)
+    Bt = B.detach().transpose(1, 2).contiguous().numpy()
+    Ct = C.detach().transpose(1, 2).contiguous().numpy()
+    Dn = D.detach().contiguous().numpy() if D is not None else _empty(npdt)
+    if z is not None:
+        zf, sz = _span(z, reverse)
+    else:
+        zf, sz = _empty(npdt), np.zeros(4, dtype=np.int64)
+    bn = delta_bias.detach().contiguous().numpy() if delta_bias is not None else _empty(npdt)
+    return (uf, su, df, sd, a, a_ok, Bt, Ct, Dn, zf, sz, bn, D is not None, z is not None,
+            delta_bias is not None)
+
+
+def _out_like(u):
+    """The output in u's memory layout when u is dense (as torch's elementwise ops do): a transposed
+    (B, L, E) input gives a transposed output, which the mixer's out_proj then reads without a copy."""
+    if u.is_contiguous() or not _dense(u):
+        return torch.empty(u.shape, dtype=u.dtype)
+    return torch.empty_like(u, memory_format=torch.preserve_format)
+
+
+def _dense(x):
+    order = sorted(range(x.dim()), key=lambda i: x.stride(i))
+    expected = 1
+    for i in order:
+        if x.shape[i] != 1 and x.stride(i) != expected:
+            return False
+        expected *= x.shape[i]
+    return True
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
+    batch, E, L = u.shape
+    N = A.shape[1]
+    out = _out_like(u)
+    last = torch.empty(batch, E, N, dtype=u.dtype)
+    (uf, su, df, sd, a, a_ok, Bt, Ct, Dn, zf, sz, bn, has_D, has_z, has_bias) = _prepare(
+        u, delta, A, B, C, D, z, delta_bias, reverse)
+    of, so = _span(out, reverse)
+    lst = last.numpy()
+    kernel, items = (_forward_n16 if N == 16 else _forward_any), batch * E
+
+    def call(lo, hi, chunk):
+        kernel(lo, hi, L, uf, su, df, sd, a, a_ok, Bt, Ct, Dn, zf, sz, bn, has_D, has_z, has_bias,
+               bool(delta_softplus), of, so, lst)
+
+    _run_rows(call, items, batch * E * L * N)
+    return out, last
+
+
+def _backward_impl(saved, delta_softplus, reverse, dout, dlast):
+    u, delta, A, B, C, D, z, delta_bias = saved
+    batch, E, L = u.shape
+    N = A.shape[1]
+    dtype = u.dtype
+    (uf, su, df, sd, a, a_ok, Bt, Ct, Dn, zf, sz, bn, has_D, has_z, has_bias) = _prepare(
+        u, delta, A, B, C, D, z, delta_bias, reverse)
+    gf, sg = _span(dout, reverse)
+    has_dlast = dlast is not None
+    dl = dlast.detach().to(dtype).contiguous().numpy() if has_dlast else _empty(a.dtype, 3)
+    du = torch.empty(batch, E, L, dtype=dtype)
+    ddelta = torch.empty(batch, E, L, dtype=dtype)
+    dz = torch.empty(batch, E, L, dtype=dtype) if has_z else torch.empty(0, dtype=dtype)
+    _, sgo = _span(du, reverse)
+    dA_rows = torch.empty(batch, E, N, dtype=dtype)
+    dD_rows = torch.empty(batch, E, dtype=dtype)
+    dbias_rows = torch.empty(batch, E, dtype=dtype)
+    rows, work = batch * E, 2 * batch * E * L * N
+    nt = _threads_for(rows, work)
+    dB_part = torch.zeros(nt, batch, L, N, dtype=dtype)
+    dC_part = torch.zeros(nt, batch, L, N, dtype=dtype)
+    An = A.detach().contiguous().numpy()
+    outs = (du.view(-1).numpy(), ddelta.view(-1).numpy(), dz.view(-1).numpy(), dA_rows.numpy(),
+            dD_rows.numpy(), dbias_rows.numpy(), dB_part.numpy(), dC_part.numpy())
+
+    def call(lo, hi, chunk):
+        _backward(lo, hi, chunk, L, uf, su, df, sd, An, a, a_ok, Bt, Ct, Dn, zf, sz, bn, has_D, has_z, has_bias,
+                  bool(delta_softplus), gf, sg, dl, has_dlast, sgo, *outs)
+
+    _run_rows(call, rows, work)
+    dB = dB_part.sum(0).transpose(1, 2)
+    dC = dC_part.sum(0).transpose(1, 2)
+    if reverse:
+        dB, dC = dB.flip(-1), dC.flip(-1)
+    return (du, ddelta, dA_rows.sum(0), dB, dC, dD_rows.sum(0) if has_D else None,
+            dz if has_z else None, dbias_rows.sum(0) if has_bias else None)
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        out, last = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        if dout is None:
+            dout = torch.zeros_like(ctx.saved_tensors[0])
+        grads = _backward_impl(ctx.saved_tensors, ctx.delta_softplus, ctx.reverse, dout, dlast)
+        grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+        return grads + (None, None)
+
+
+# ------------------------------------------------------------------------------------------ checking
+_NATIVE = (torch.float32, torch.float64)
+_UPCAST = (torch.float16, torch.bfloat16)
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias):
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    for name, x in named.items():
+        if x is None:
+            if name in ("u", "delta", "A", "B", "C"):
+                raise TypeError(f"selective_scan_cpu: {name} is required, got None")
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"selective_scan_cpu: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.device.type != "cpu":
+            raise ValueError(f"selective_scan_cpu: {name} is on {x.device}; this kernel takes CPU tensors only "
+                             "(use vimtr.ops.selective_scan_fn, which picks the backend by device)")
+        if x.is_complex() or not x.is_floating_point():
+            raise TypeError(f"selective_scan_cpu: {name} must be a real floating-point tensor, got {x.dtype}"
+                            + (" (complex A is not supported)" if x.is_complex() else ""))
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan_cpu: u must have shape (batch, dim, seqlen), got {tuple(u.shape)}")
+    batch, E, L = u.shape
+    if A.dim() != 2 or A.shape[0] != E:
+        raise ValueError(f"selective_scan_cpu: A must have shape (dim, dstate) = ({E}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    want = {"delta": (batch, E, L), "B": (batch, N, L), "C": (batch, N, L), "z": (batch, E, L),
+            "D": (E,), "delta_bias": (E,)}
+    what = {"delta": "(batch, dim, seqlen)", "B": "(batch, dstate, seqlen)", "C": "(batch, dstate, seqlen)",
+            "z": "(batch, dim, seqlen)", "D": "(dim,)", "delta_bias": "(dim,)"}
+    for name, shape in want.items():
+        x = named[name]
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"selective_scan_cpu: {name} must have shape {what[name]} = {shape}, "
+                             f"got {tuple(x.shape)}")
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, *, reverse=False):
+    """Selective scan on CPU tensors; same signature, semantics and gradients as ``selective_scan_ref``.
+
+    Returns ``out`` (u's dtype and shape; in u's memory layout when u is a dense view such as a transposed
+    (B, L, E) tensor, contiguous otherwise), or ``(out, last_state)`` with ``last_state`` (batch, dim,
+    dstate) in the compute dtype (float64 for float64 u, float32 otherwise) when ``return_last_state``.
+
+    ``reverse=True`` (an extension, not in mamba's signature) scans from the last token to the first:
+    the same as flipping u, delta, z, B and C along L, scanning, and flipping the output back, without
+    the five copies; ``last_state`` is then the state after token 0. Vim's backward direction is this.
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias)
+    if 0 in u.shape or A.shape[1] == 0:
+        # Nothing to scan (empty batch, channels, sequence or state): the reference is exact and free.
+        return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                  delta_softplus=delta_softplus, return_last_state=return_last_state)
+    dtype_in = u.dtype
+    cdt = torch.float64 if dtype_in == torch.float64 else torch.float32
+    args = [x if x is None else x.to(cdt) for x in (u, delta, A, B, C, D, z, delta_bias)]
+    softplus = bool(delta_softplus)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
+        out, last = _SelectiveScanCPU.apply(*args, softplus, bool(reverse))
+    else:
+        out, last = _forward(*args, softplus, bool(reverse))
+    out = out.to(dtype_in)
+    return (out, last) if return_last_state else out
