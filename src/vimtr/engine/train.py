@@ -207,7 +207,9 @@ class Trainer:
 
         # ---- teacher: the original weights unreduced, taken before any training or resume
         if s.distill_weight > 0:
-            teacher = recipe.make_teacher(net) if teacher is None else common.unwrap(teacher).eval().requires_grad_(False)
+            # A teacher given by the caller is only put in eval mode: its forward runs under no_grad, and
+            # freezing its parameters would also freeze the caller's model (and any copy made of it later).
+            teacher = recipe.make_teacher(net) if teacher is None else common.unwrap(teacher).eval()
             if getattr(teacher, "num_classes", None) != getattr(net, "num_classes", None):
                 raise UsageError(f"the teacher has {teacher.num_classes} classes, the student {net.num_classes}; "
                                  f"distil from a teacher with the same head")

@@ -37,14 +37,16 @@ def measure(model, dataset, method=None, params=None, batch_size=128, device="cp
 
 
 def sweep(model, dataset, methods=TRAINING_FREE, levels=(0.1, 0.2, 0.3, 0.4, 0.5), batch_size=128,
-          device="cpu", progress=True) -> list[dict]:
+          device="cpu", progress=True, params: dict | None = None) -> list[dict]:
+    """Every method at every FLOPs-reduction level; ``params`` (e.g. ``{"interval": 1}``) go to every method."""
     from tqdm import tqdm
 
     base = measure(model, dataset, batch_size=batch_size, device=device)
     rows = [base]
     for method in tqdm(methods, desc="sweep", disable=not progress):
         for level in levels:
-            rows.append(measure(model, dataset, method, {"flops_reduction": level}, batch_size, device, base))
+            rows.append(measure(model, dataset, method, {**(params or {}), "flops_reduction": level}, batch_size,
+                                device, base))
     return rows
 
 
@@ -98,6 +100,8 @@ def add_cli(sub):
     p.add_argument("--method", nargs="+", default=list(TRAINING_FREE), help="methods (default: all)")
     p.add_argument("--levels", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5],
                    help="FLOPs reductions (default 0.1 … 0.5)")
+    p.add_argument("--interval", type=int, default=None,
+                   help="reduce every INTERVAL blocks (default: each method's own, 2; use 1 for shallow models)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="sweep_out", help="output folder (default sweep_out/)")
@@ -113,7 +117,8 @@ def run(args):
         args.model = "vim_digits"
     model = load_for_cli(args)
     dataset = load_dataset(args.data, "val", transform=eval_transform(model) if args.data != "digits" else None)
-    rows = sweep(model, dataset, args.method, args.levels, args.batch_size, args.device)
+    params = {"interval": args.interval} if args.interval else None
+    rows = sweep(model, dataset, args.method, args.levels, args.batch_size, args.device, params=params)
     out = Path(args.out)
     write_rows(rows, out)
     name = getattr(model, "model_name", "model")

@@ -4,7 +4,7 @@ A small Vim (official structure, middle class token; config ``vim_digits`` in th
 from scratch on the built-in ``digits`` train split. Deterministic for a given seed on CPU. Writes
 ``vim_digits.safetensors`` and the card ``vim_digits.json`` (config, split, seed, accuracy, time).
 This is pre-training from scratch on in-memory tensors, so it is a plain loop: AdamW, warm-up +
-cosine, label smoothing, random ±2-pixel shifts.
+cosine, label smoothing, small random affine transforms.
 """
 from __future__ import annotations
 
@@ -24,13 +24,15 @@ from vimtr.io import atomic_write, write_json
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets"
 
 
-def random_shift(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Shift each image by up to ``pad`` pixels (zero = background after normalisation is -MEAN/STD)."""
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """Per image: rotation ±10°, shift ±2 px, scale 0.9-1.1 (torchvision's RandomAffine on tensors,
+    drawing from torch's global generator, which ``train`` seeds), background-filled."""
+    from torchvision.transforms import v2
+
     bg = -digits.MEAN / digits.STD
-    xp = F.pad(x, (pad, pad, pad, pad), value=bg)
-    dx, dy = torch.randint(0, 2 * pad + 1, (2, x.shape[0]), generator=g)
-    H, W = x.shape[-2:]
-    return torch.stack([xp[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(x.shape[0])])
+    t = v2.RandomAffine(degrees=10, translate=(2 / digits.IMG_SIZE, 2 / digits.IMG_SIZE), scale=(0.9, 1.1),
+                        interpolation=v2.InterpolationMode.BILINEAR, fill=bg)
+    return torch.stack([t(img) for img in x])
 
 
 @torch.no_grad()
@@ -62,7 +64,7 @@ def train(epochs=40, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=2,
         perm = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr), batch_size):
             idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(model(random_shift(xtr[idx], g)), ytr[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(augment(xtr[idx])), ytr[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -80,7 +82,7 @@ def train(epochs=40, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=2,
                              f"random_state={digits.SPLIT_SEED}", "train_images": len(xtr), "test_images": len(xte),
                     "normalisation": {"mean": digits.MEAN, "std": digits.STD}},
         "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                     "warmup_epochs": warmup_epochs, "label_smoothing": 0.1, "augmentation": "random shift ±2 px",
+                     "warmup_epochs": warmup_epochs, "label_smoothing": 0.1, "augmentation": "RandomAffine: rotation ±10°, shift ±2 px, scale 0.9-1.1",
                      "seed": seed, "minutes": round((time.time() - start) / 60, 2), "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "machine": platform.machine()},
         "test_top1": accuracy(model, xte, yte),

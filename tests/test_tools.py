@@ -1,0 +1,88 @@
+"""End-to-end runs of the user-facing commands on the bundled model (CLI in-process)."""
+import json
+
+import pytest
+import torch
+
+import vimtr
+from vimtr.cli import main
+from vimtr.data.digits import digits_tensors
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The machine's two cores are shared with other jobs; torch's threads then spin against each other.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_bundled_model_accuracy_on_the_test_split():
+    model = vimtr.load_model("vim_digits")
+    card = json.loads((vimtr.models.checkpoint.assets_dir() / "vim_digits.json").read_text())
+    x, y = digits_tensors("test")
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+    assert acc >= 0.97
+    assert abs(acc - card["test_top1"]) <= 2 / len(y)  # the card's number, up to kernel rounding
+    assert (vimtr.models.checkpoint.assets_dir() / "vim_digits.safetensors").stat().st_size <= 5 * 2 ** 20
+
+
+def test_demo_quick_writes_well_formed_results(tmp_path):
+    main(["demo", "--quick", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"baseline", "mtr", "rmeeto", "rmeeto_retrained", "tome", "evit", "utr", "random"}
+    for r in rows.values():
+        assert 0.0 <= r["top1"] <= 1.0 and r["gflops"] > 0 and r["images_per_s"] > 0
+        assert {"method", "top1", "gflops", "flops_saved", "images_per_s"} <= set(r)
+    for m in ("mtr", "rmeeto", "tome", "evit", "utr", "random", "rmeeto_retrained"):
+        assert abs(rows[m]["flops_saved"] - 0.3) <= 0.01, m
+    assert rows["baseline"]["flops_saved"] == 0.0
+    assert rows["baseline"]["top1"] >= 0.97
+    # Re-training recovers accuracy lost by the training-free merge (same schedule, same FLOPs).
+    assert rows["rmeeto_retrained"]["top1"] > rows["rmeeto"]["top1"]
+    for png in ("acc_vs_flops.png", "acc_vs_throughput.png", "token_maps.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_json(tmp_path):
+    out = tmp_path / "bench.json"
+    main(["bench", "--model", "vim_digits", "--method", "mtr", "rmeeto:r=4", "--batch-size", "2",
+          "--runs", "2", "--warmup", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["config"] for r in rows] == ["baseline", "mtr", "rmeeto:r=4"]
+    for r in rows:
+        assert r["median_s"] > 0 and r["images_per_s"] > 0 and r["speedup"] > 0
+    assert rows[0]["speedup"] == 1.0 and rows[2]["flops_ratio"] > 1.0
+
+
+def test_sweep_outputs(tmp_path):
+    main(["sweep", "--model", "vim_digits", "--data", "digits", "--method", "mtr", "random",
+          "--levels", "0.2", "0.4", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [(r["method"], r["level"]) for r in rows] == [("baseline", 0.0), ("mtr", 0.2), ("mtr", 0.4),
+                                                         ("random", 0.2), ("random", 0.4)]
+    assert (tmp_path / "sweep.csv").read_text().splitlines()[0].startswith("method,level,top1")
+    for png in ("acc_vs_flops.png", "acc_vs_throughput.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_visualize_and_info(tmp_path, capsys):
+    out = tmp_path / "map.png"
+    main(["visualize", "digits:3", "--method", "mtr", "rmeeto", "tome", "--out", str(out)])
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    main(["info", "--model", "vim_digits", "--method", "rmeeto", "--param", "r=4"])
+    text = capsys.readouterr().out
+    assert "parameters" in text and "tokens per block" in text
+
+
+def test_bad_input_is_one_clear_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["visualize", "no_such_image.png", "--model", "vim_digits"])
+    assert e.value.code == 2
+    assert "no_such_image.png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "vim_digits", "--method", "nosuch"])
+    assert "valid methods" in capsys.readouterr().err
