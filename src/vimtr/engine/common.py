@@ -160,3 +160,16 @@ def main_entry(add_cli, command: str, argv=None):
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)
+
+
+def execute(command: str, body, args):
+    """Run a command's ``body(args, ctx)`` with one-line errors and the process group set up and torn down
+    (what ``vimtr eval`` and ``vimtr retrain`` share); returns its results on every rank."""
+    from vimtr.engine import distributed
+
+    with cli_errors(command):
+        ctx = distributed.setup(args.device)
+        try:
+            return body(args, ctx)
+        finally:
+            distributed.cleanup()

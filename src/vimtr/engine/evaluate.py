@@ -181,12 +181,7 @@ def run(args) -> int:
 
 def execute(args) -> dict:
     """Run the command and return its results (rank 0 and the others alike)."""
-    with common.cli_errors("eval"):
-        ctx = distributed.setup(args.device)
-        try:
-            return _run(args, ctx)
-        finally:
-            distributed.cleanup()
+    return common.execute("eval", _run, args)
 
 
 def _run(args, ctx: distributed.Context):

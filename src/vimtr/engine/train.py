@@ -573,12 +573,7 @@ def run(args) -> int:
 
 def execute(args) -> dict:
     """Run the command and return its results (rank 0 and the others alike)."""
-    with common.cli_errors("retrain"):
-        ctx = distributed.setup(args.device)
-        try:
-            return _run(args, ctx)
-        finally:
-            distributed.cleanup()
+    return common.execute("retrain", _run, args)
 
 
 def _datasets(args, model):
