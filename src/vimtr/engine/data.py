@@ -223,3 +223,14 @@ class SeededDataset(Dataset):
                 return item
             image, target = item[0], item[1]
             return self.transform(image), target
+
+
+def loader_workers(dataset, requested: int) -> int:
+    """Worker processes for a loader: none for in-memory tensors (``digits``: workers only add start-up
+    cost), otherwise the request capped at the machine's cores (DataLoader warns past that)."""
+    import os
+
+    base = getattr(dataset, "dataset", dataset)  # through Subset / SeededDataset wrappers
+    if isinstance(base, torch.utils.data.TensorDataset):
+        return 0
+    return max(0, min(int(requested), os.cpu_count() or 1))

@@ -41,7 +41,8 @@ def model_summary(model) -> dict:
 def make_loader(dataset, batch_size: int, ctx: distributed.Context, workers: int = 0) -> DataLoader:
     common.check_batch_size(batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=range(ctx.rank, len(dataset), ctx.world),
-                      num_workers=workers, collate_fn=data.collate_skip, pin_memory=ctx.device.type == "cuda",
+                      num_workers=data.loader_workers(dataset, workers), collate_fn=data.collate_skip,
+                      pin_memory=ctx.device.type == "cuda",
                       # An explicit generator: creating the iterator must not draw from the global RNG,
                       # or an evaluation would shift the training run's random stream.
                       generator=torch.Generator(), persistent_workers=False)

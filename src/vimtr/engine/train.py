@@ -192,7 +192,8 @@ class Trainer:
         transform = (recipe.train_transform(net, s.auto_augment, s.color_jitter, s.reprob) if s.augment
                      else recipe.EvalIfImage(net))
         self.loader = DataLoader(data.SeededDataset(train_subset, transform), batch_size=s.batch_size,
-                                 sampler=self.sampler, num_workers=s.workers, collate_fn=data.collate_skip,
+                                 sampler=self.sampler, num_workers=data.loader_workers(train_subset, s.workers),
+                                 collate_fn=data.collate_skip,
                                  pin_memory=dev.type == "cuda",
                                  generator=torch.Generator())  # iterator creation must not draw from the global RNG
         self.total_steps = self.batches // s.accum_steps * s.epochs
