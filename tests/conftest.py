@@ -35,3 +35,13 @@ def golden():
     return {case: load_file(GOLDEN / f"{stem}.safetensors") for case, stem in
             [("p1", "p1_vim_tiny"), ("p1b", "p1b_vim_tiny_perturbed"), ("p2", "p2_rmeeto_tiny_r11"),
              ("p2b", "p2b_rmeeto_tiny_r11_perturbed")]}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of small tensors: faster than two, and on a machine whose cores are
+    shared with other jobs, torch's threads otherwise spin against each other (many times slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -22,13 +22,7 @@ METHODS = list_methods()
 MERGING = {"mtr", "rmeeto", "tome", "evit"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster than two (many times faster on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 # One tiny configuration per backbone family: (registered name, overrides).
 FAMILIES = {

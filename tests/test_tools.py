@@ -9,13 +9,7 @@ from vimtr.cli import main
 from vimtr.data.digits import digits_tensors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The machine's two cores are shared with other jobs; torch's threads then spin against each other.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_bundled_model_accuracy_on_the_test_split():
