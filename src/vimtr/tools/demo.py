@@ -28,18 +28,19 @@ METHODS = ("mtr", "rmeeto", "tome", "evit", "utr", "random")
 SCHEDULE = {"interval": 1}  # see the module docstring
 
 
-def retrain_rmeeto(teacher, train_set, flops_reduction: float, epochs: int, seed: int = 0, progress=True):
+def retrain_rmeeto(teacher, train_set, flops_reduction: float, epochs: int, seed: int = 0, progress=True,
+                   lr: float = 5e-4):
     """R-MeeTo's recipe in miniature: the reduced copy learns from labels + the unreduced teacher."""
     from vimtr.engine.train import retrain
 
     student = vimtr.reduce(copy.deepcopy(teacher), "rmeeto", flops_reduction=flops_reduction, **SCHEDULE)
-    history = retrain(student, train_set, teacher=teacher, epochs=epochs, batch_size=64, lr=5e-4,
+    history = retrain(student, train_set, teacher=teacher, epochs=epochs, batch_size=64, lr=lr,
                       warmup_steps=10, distill_weight=0.5, augment=False, seed=seed, progress=progress)
     return student.eval(), history
 
 
 def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=None, model_name="vim_digits",
-             progress=True, log=print) -> dict:
+             progress=True, log=print, retrain_lr: float = 5e-4) -> dict:
     from vimtr.data import digits
 
     start = time.time()
@@ -59,7 +60,7 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
 
     log(f"re-training rmeeto for {epochs} epoch(s) with distillation from the unreduced model ...")
     t0 = time.time()
-    student, history = retrain_rmeeto(model, train, flops_reduction, epochs, progress=progress)
+    student, history = retrain_rmeeto(model, train, flops_reduction, epochs, progress=progress, lr=retrain_lr)
     retrained = sweep_tool.measure(student, test, "rmeeto", {**SCHEDULE, "flops_reduction": flops_reduction},
                                    base=base)
     retrained.update(method="rmeeto_retrained", retrain_minutes=(time.time() - t0) / 60, retrain_epochs=epochs)
@@ -106,6 +107,7 @@ def add_cli(sub):
     p.add_argument("--flops-reduction", type=float, default=0.3, help="common FLOPs reduction (default 0.3)")
     p.add_argument("--quick", action="store_true", help="fewer reduction levels and a 1-epoch re-training")
     p.add_argument("--retrain-epochs", type=int, default=None, help="re-training epochs (default 3; quick 1)")
+    p.add_argument("--retrain-lr", type=float, default=5e-4, help="re-training learning rate (default 5e-4)")
     p.add_argument("--model", default="vim_digits", help="bundled model (default vim_digits)")
     p.set_defaults(func=run)
 
@@ -113,4 +115,5 @@ def add_cli(sub):
 def run(args):
     if not 0.0 < args.flops_reduction < 1.0:
         raise ValueError(f"--flops-reduction must be in (0, 1), got {args.flops_reduction}")
-    run_demo(args.out, args.flops_reduction, args.quick, args.retrain_epochs, args.model)
+    run_demo(args.out, args.flops_reduction, args.quick, args.retrain_epochs, args.model,
+             retrain_lr=args.retrain_lr)
