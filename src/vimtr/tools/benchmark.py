@@ -108,19 +108,18 @@ def parse_methods(specs: list[str], flops_reduction: float) -> dict:
     return configs
 
 
-def load_for_cli(args):
-    """The model named by --model/--checkpoint (shared by bench, sweep and demo)."""
-    if getattr(args, "checkpoint", None):
-        return vimtr.load_model(args.checkpoint, name=args.model)
-    if not getattr(args, "model", None):
-        raise ValueError("give --model NAME (registered or bundled, e.g. vim_digits) or --checkpoint PATH")
+def load_for_cli(args, allow_random: bool = False):
+    """The model named by --model/--checkpoint (bench, sweep, info, visualize): the engine's loader, plus,
+    with ``allow_random`` (speed and FLOPs only), a registered architecture with random weights."""
+    from vimtr.engine.common import load_from_args
     from vimtr.models.checkpoint import bundled_models
 
-    if args.model in bundled_models():
-        return vimtr.load_model(args.model)  # bundled weights, e.g. vim_digits
-    print(f"note: {args.model} is a registered architecture with random weights; give --checkpoint for "
-          "trained weights (speed and FLOPs are still meaningful, accuracy is not)")
-    return vimtr.create_model(args.model).eval()
+    if allow_random and args.model and not args.checkpoint and args.model not in bundled_models():
+        print(f"note: {args.model} is a registered architecture with random weights; give --checkpoint for "
+              "trained weights (speed and FLOPs are still meaningful, accuracy is not)")
+        return vimtr.create_model(args.model).eval()
+    args.ema = getattr(args, "ema", False)
+    return load_from_args(args)
 
 
 def add_cli(sub):
@@ -151,7 +150,7 @@ def run(args):
         args.batch_size, args.dtype, args.warmup, args.runs = pre["batch_sizes"], pre["dtypes"], pre["warmup"], pre["runs"]
     if args.device == "cpu" and "fp16" in args.dtype:
         raise ValueError("fp16 needs a GPU (--device cuda); on CPU use fp32 or bf16")
-    model = load_for_cli(args)
+    model = load_for_cli(args, allow_random=True)
     rows = benchmark(model, parse_methods(args.method, args.flops_reduction), args.batch_size, args.dtype,
                      args.device, args.warmup, args.runs)
     print(f"{'config':<24}{'batch':>6}{'dtype':>6}{'GFLOPs':>9}{'median ms':>11}{'im/s':>9}{'speed-up':>9}")

@@ -58,7 +58,7 @@ def run(args):
 
     if not args.model and not args.checkpoint:
         args.model = "vim_tiny"
-    model = load_for_cli(args)
+    model = load_for_cli(args, allow_random=True)
     if args.method:
         vimtr.reduce(model, args.method, **dict(parse_param(p) for p in args.param))
     d = describe(model)

@@ -168,13 +168,11 @@ def _load_input(spec: str, model):
 
 
 def run(args):
-    model_name = args.model or ("vim_digits" if args.image.startswith("digits:") else None)
-    if args.checkpoint:
-        model = vimtr.load_model(args.checkpoint, name=args.model)
-    elif model_name:
-        model = vimtr.load_model(model_name)
-    else:
-        raise ValueError("give --model NAME or --checkpoint PATH")
+    from vimtr.tools.benchmark import load_for_cli
+
+    if not args.model and not args.checkpoint and args.image.startswith("digits:"):
+        args.model = "vim_digits"
+    model = load_for_cli(args)
     x, image = _load_input(args.image, model)
     methods = {m: (m, {"flops_reduction": args.flops_reduction}) for m in args.method}
     out = token_map_figure(model, x, image, methods, args.out, importance_block=args.block,
