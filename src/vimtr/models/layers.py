@@ -7,13 +7,14 @@ in plain PyTorch; only the selective scan goes through :mod:`vimtr.ops`, which p
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from vimtr.ops import causal_conv1d_fn, selective_scan_fn
+from vimtr.ops import causal_conv1d_fn, resolve_scan, selective_scan_fn
 
 
 class RMSNorm(nn.Module):
@@ -117,7 +118,12 @@ class BiMamba(nn.Module):
 
         ``aux`` (only with ``want_aux``) holds per direction, in token order: ``delta_f``/``delta_b``
         (B, E, L) the softplus'd timescales, and ``B_f``/``B_b``/``C_f``/``C_b`` (B, L, N).
+
+        fp32 on CPU with the fast scan backend takes :meth:`_forward_cpu` (same maths, no flips or copies,
+        inference and training); everything else (other devices, backends, dtypes) takes the path below.
         """
+        if self._use_cpu_path(hidden):
+            return self._forward_cpu(hidden, want_aux)
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
         x, z = xz.chunk(2, dim=1)
         y_f, aux_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, want_aux)
@@ -132,6 +138,118 @@ class BiMamba(nn.Module):
         aux = {"delta_f": aux_f["delta"], "delta_b": aux_b["delta"].flip(-1),
                "B_f": aux_f["B"], "C_f": aux_f["C"], "B_b": aux_b["B"].flip(1), "C_b": aux_b["C"].flip(1)}
         return out, aux
+
+
+    def _use_cpu_path(self, hidden: torch.Tensor) -> bool:
+        if hidden.device.type != "cpu" or hidden.dtype != torch.float32 or hidden.dim() != 3:
+            return False
+        if resolve_scan(hidden.device)[0] != "cpu":
+            return False
+        if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in self.parameters()):
+            return False
+        return _cpu_kernels() is not None
+
+    def _forward_cpu(self, hidden: torch.Tensor, want_aux: bool):
+        """The path for the CPU kernels, in the layout of mamba_ssm's fused path: every (B, E, L) tensor is
+        stored as (E, B·L), so each projection is one matmul on views and each channel's row is contiguous
+        for the kernels. Both convolutions are one pass (the backward one anti-causal instead of flipping)
+        and the backward scan runs reversed (no flips).
+
+        Without gradients, the big intermediates live in a per-thread workspace, the reverse scan
+        accumulates into the forward one's output with the 1/2 folded in ((y_f + y_b)·½ is exactly
+        (y_f + y_b) / 2), and the scans write out the Δ they used for ``want_aux``. With gradients the
+        same kernels run through autograd and torch adds the two directions: the values are bit for bit
+        those of the inference path (tested), so a model's output does not depend on the grad mode.
+        """
+        conv_bidir, scan, scan_delta = _cpu_kernels()
+        Bn, L, _ = hidden.shape
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        M = Bn * L
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+        def bel(t2):  # (E', B·L) storage seen as (B, E', L)
+            return t2.view(-1, Bn, L).transpose(0, 1)
+
+        if grad:
+            xz2 = torch.mm(self.in_proj.weight, hidden.reshape(M, -1).t())  # (2E, B·L)
+            if self.in_proj.bias is not None:
+                xz2 = xz2 + self.in_proj.bias[:, None]
+        else:
+            # Fresh multi-MB tensors at every call cost page faults (glibc hands freed top-of-heap memory
+            # back to the OS): measured 1.2 ms more per conv call with new outputs than with reused ones.
+            ws = _workspace(6 * E * M)
+            xz2, cf2, cb2, dl2, y2 = (ws[i * E * M:(i + k) * E * M].view(k * E, M)
+                                      for i, k in ((0, 2), (2, 1), (3, 1), (4, 1), (5, 1)))
+            torch.mm(self.in_proj.weight, hidden.reshape(M, -1).t(), out=xz2)
+            if self.in_proj.bias is not None:
+                xz2 += self.in_proj.bias[:, None]
+        xz = bel(xz2)  # (B, 2E, L), rows contiguous
+        x, z = xz[:, :E], xz[:, E:]
+        convs = (x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+        if grad:
+            c_f, c_b = conv_bidir(*convs, channel_major=True)
+        else:
+            c_f, c_b = conv_bidir(*convs, out_f=bel(cf2), out_b=bel(cb2))
+        aux, ys = {}, []
+        scale = 0.5 if self.divide_out else 1.0
+        for tag, c, x_proj, dt_proj, A_log, D, reverse in (
+                ("f", c_f, self.x_proj, self.dt_proj, self.A_log, self.D, False),
+                ("b", c_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True)):
+            x_dbl = torch.mm(x_proj.weight, c.transpose(0, 1).reshape(E, M))  # (R + 2N, B·L), a view of c
+            if grad:
+                delta = bel(torch.mm(dt_proj.weight, x_dbl[:R]))
+            else:
+                delta = bel(torch.mm(dt_proj.weight, x_dbl[:R], out=dl2))
+            Bm, Cm = bel(x_dbl[R:R + N]), bel(x_dbl[R + N:])  # (B, N, L)
+            args = (c, delta, -torch.exp(A_log), Bm, Cm, D)
+            kw = dict(z=z, delta_bias=dt_proj.bias, delta_softplus=True, reverse=reverse)
+            if grad:
+                ys.append(scan(*args, **kw))
+                delta_used = scan_delta(delta.detach(), dt_proj.bias.detach()) if want_aux else None
+            else:
+                delta_used = bel(hidden.new_empty(E, M)) if want_aux else None
+                scan(*args, **kw, out=bel(y2), accumulate=reverse, out_scale=scale if reverse else 1.0,
+                     delta_out=delta_used)
+            if want_aux:
+                aux.update({f"delta_{tag}": delta_used, f"B_{tag}": Bm.transpose(1, 2), f"C_{tag}": Cm.transpose(1, 2)})
+        if grad:
+            y = ys[0] + ys[1]
+            if self.divide_out:
+                y = y * 0.5
+            y2 = y.transpose(0, 1).reshape(E, M)
+        out = F.linear(y2.t(), self.out_proj.weight, self.out_proj.bias)
+        return out.view(Bn, L, -1), (aux if want_aux else None)
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(numel: int) -> torch.Tensor:
+    """A float32 CPU buffer of at least ``numel`` elements, one per thread, kept for the next call (grown,
+    never shrunk: Vim-S at batch 32 holds 116 MB). Only for intermediates that never leave a call."""
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACE.buf = buf = None  # free the old one first
+        with torch.inference_mode(False):  # a normal tensor: usable both in and out of inference mode
+            _WORKSPACE.buf = buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
+_CPU_KERNELS: tuple | None = None
+
+
+def _cpu_kernels():
+    """(causal_conv1d_bidir_cpu, selective_scan_cpu, scan_delta_cpu), or None where numba is missing."""
+    global _CPU_KERNELS
+    if _CPU_KERNELS is None:
+        try:
+            from vimtr.ops.conv_cpu import causal_conv1d_bidir_cpu
+            from vimtr.ops.scan_cpu import scan_delta_cpu, selective_scan_cpu
+        except ImportError:
+            _CPU_KERNELS = ()
+        else:
+            _CPU_KERNELS = (causal_conv1d_bidir_cpu, selective_scan_cpu, scan_delta_cpu)
+    return _CPU_KERNELS or None
 
 
 class Block(nn.Module):

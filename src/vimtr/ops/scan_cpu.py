@@ -36,8 +36,13 @@ Why it is shaped the way it is (every number below was measured, see benchmarks/
   rows are moved through tiles of 16 channels (a token's 16 values are one 64-byte read for a
   channel-last view), which costs ~20% where reading them element by element cost ~90%. B and C are
   small and are transposed to (Bt, L, N) so a token's N values are contiguous.
-* ``reverse=True`` scans from the last token (negated token strides): Vim's backward direction
-  without flipping five tensors and the output.
+* ``reverse=True`` scans from the last token: Vim's backward direction without flipping five tensors
+  and the output. The forward kernel reads and writes rows in token order and runs its recurrence
+  backwards (a row read through a negated stride is a gather: ~0.3 ms per operand at Vim-Ti batch 8);
+  the backward kernel reads through negated strides.
+* Forward-only ``out=`` / ``accumulate=`` / ``delta_out=`` let Vim's CPU mixer path sum the two
+  directions in the kernel ((y_f + y_b)·½ written in place) and get the Δ MTR reads without a softplus
+  pass in torch.
 * **Threads:** rows are split into one contiguous chunk per thread (``torch.get_num_threads()``); the
   kernels release the GIL and run on a small persistent thread pool plus the calling thread. This
   avoids a second OpenMP runtime next to torch's (numba's ``parallel=True``), compiles much faster,
@@ -64,6 +69,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
@@ -294,12 +300,39 @@ def _load_tile(src, off, s_e, s_l, gw, L, dst):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _store_tile(dst, off, s_e, s_l, gw, L, src):
-    """The inverse of :func:`_load_tile`."""
+def _store_tile(dst, off, s_e, s_l, gw, L, src, accumulate, scale):
+    """The inverse of :func:`_load_tile`; with ``accumulate`` dst = (dst + src)·scale, else src·scale."""
     for t in range(L):
         base = off + t * s_l
-        for w in range(gw):
-            dst[base + w * s_e] = src[w * L + t]
+        if accumulate:
+            for w in range(gw):
+                dst[base + w * s_e] = (dst[base + w * s_e] + src[w * L + t]) * scale
+        else:
+            for w in range(gw):
+                dst[base + w * s_e] = src[w * L + t] * scale
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _emit_row(dst, off, stride, src, accumulate, scale):
+    """dst[off + t·stride] = (dst[...] + src[t])·scale (``accumulate``) or src[t]·scale, for stride ±1 or any.
+
+    The two-direction mixer writes its first direction and accumulates the second, (y_f + y_b)·½ being
+    exactly the official (y_f + y_b) / 2 (a power-of-two scale rounds the same)."""
+    L = src.shape[0]
+    if stride == 1:
+        if accumulate:
+            for t in range(L):
+                dst[off + t] = (dst[off + t] + src[t]) * scale
+        else:
+            for t in range(L):
+                dst[off + t] = src[t] * scale
+    else:
+        if accumulate:
+            for t in range(L):
+                dst[off + t * stride] = (dst[off + t * stride] + src[t]) * scale
+        else:
+            for t in range(L):
+                dst[off + t * stride] = src[t] * scale
 
 
 def _build_forward(nfix):
@@ -307,22 +340,24 @@ def _build_forward(nfix):
 
     @njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
     def forward(lo, hi, L, u, su, dl, sd, a, a_ok, Bt, Ct, D, zf, sz, bias, has_D, has_z, has_bias, softplus,
-                of, so, last):
+                of, so, last, accumulate, scale, dof, sdo, has_dout, rev):
         _, E, N_ = last.shape
         N = nfix if nfix > 0 else N_
         dtype = last.dtype
         zero = dtype.type(0)
         one = dtype.type(1)
-        # Operands whose rows are not contiguous (channel-last views, reversed rows) go through tiles of
-        # _G rows; contiguous ones are read and written in place.
-        tile_u, tile_d = su[3] != 1, sd[3] != 1
-        tile_z, tile_o = has_z and sz[3] != 1, so[3] != 1
+        # Operands whose rows are not contiguous (channel-last views) go through tiles of _G rows; rows
+        # with token stride 1 are read in place, stride -1 (a reversed contiguous row) through a row buffer.
+        tile_u, tile_d = abs(su[3]) != 1, abs(sd[3]) != 1
+        tile_z, tile_o = has_z and abs(sz[3]) != 1, abs(so[3]) != 1
         Ut = np.empty(_G * L, dtype)
         Dt = np.empty(_G * L, dtype)
         Zt = np.empty(_G * L, dtype)
         Yt = np.empty(_G * L, dtype)
         dtb = np.empty(L, dtype)
         zb = np.empty(L, dtype)
+        ub = np.empty(L, dtype)
+        yb = np.empty(L, dtype)
         h = np.empty(N, dtype)
         i = lo
         while i < hi:
@@ -342,24 +377,27 @@ def _build_forward(nfix):
                 if tile_d:
                     nbad = _delta_row(Dt, w * L, 1, bse, softplus, dtb)
                 else:
-                    nbad = _delta_row(dl, sd[0] + b * sd[1] + e * sd[2], 1, bse, softplus, dtb)
+                    nbad = _delta_row(dl, sd[0] + b * sd[1] + e * sd[2], sd[3], bse, softplus, dtb)
+                if has_dout:
+                    _store_row(dof, sdo[0] + b * sdo[1] + e * sdo[2], sdo[3], dtb)
                 if not a_ok:
                     nbad += one
                 if tile_u:
                     ur = Ut[w * L:(w + 1) * L]
                 else:
                     u0 = su[0] + b * su[1] + e * su[2]
-                    ur = u[u0:u0 + L]  # read in place
-                if tile_o:
-                    yr = Yt[w * L:(w + 1) * L]
-                else:
-                    o0 = so[0] + b * so[1] + e * so[2]
-                    yr = of[o0:o0 + L]  # write in place
+                    if su[3] == 1:
+                        ur = u[u0:u0 + L]  # read in place
+                    else:
+                        _load_row(u, u0, su[3], ub)
+                        ur = ub
+                yr = Yt[w * L:(w + 1) * L] if tile_o else yb
                 for n in range(N):
                     h[n] = zero
                 if nbad == 0:
                     # Δ·A ≤ 0 everywhere: the decay exp needs only its underflow clamp.
-                    for t in range(L):
+                    for tt in range(L):
+                        t = L - 1 - tt if rev else tt
                         d = dtb[t]
                         du = d * ur[t]
                         Bv = Bt[b, t]
@@ -371,7 +409,8 @@ def _build_forward(nfix):
                             acc += hn * Cv[n]
                         yr[t] = acc
                 else:
-                    for t in range(L):
+                    for tt in range(L):
+                        t = L - 1 - tt if rev else tt
                         d = dtb[t]
                         du = d * ur[t]
                         Bv = Bt[b, t]
@@ -388,7 +427,7 @@ def _build_forward(nfix):
                     if tile_z:
                         zr = Zt[w * L:(w + 1) * L]
                     else:
-                        _load_row(zf, sz[0] + b * sz[1] + e * sz[2], 1, zb)
+                        _load_row(zf, sz[0] + b * sz[1] + e * sz[2], sz[3], zb)
                         zr = zb
                     for t in range(L):
                         zz = zr[t]
@@ -396,10 +435,12 @@ def _build_forward(nfix):
                 elif has_D:
                     for t in range(L):
                         yr[t] = yr[t] + De * ur[t]
+                if not tile_o:
+                    _emit_row(of, so[0] + b * so[1] + e * so[2], so[3], yr, accumulate, scale)
                 for n in range(N):
                     last[b, e, n] = h[n]
             if tile_o:
-                _store_tile(of, so[0] + b * so[1] + e0 * so[2], so[2], so[3], gw, L, Yt)
+                _store_tile(of, so[0] + b * so[1] + e0 * so[2], so[2], so[3], gw, L, Yt, accumulate, scale)
             i += gw
 
     return forward
@@ -625,20 +666,30 @@ def _dense(x):
     return True
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, out=None, accumulate=False,
+             out_scale=1.0, delta_out=None):
     batch, E, L = u.shape
     N = A.shape[1]
-    out = _out_like(u)
+    if out is None:
+        out = _out_like(u)
     last = torch.empty(batch, E, N, dtype=u.dtype)
+    # A reversed scan reads and writes every row in token order and runs its recurrence from the last
+    # token (cheaper than the backward kernel's negated strides, which make each row load a gather).
     (uf, su, df, sd, a, a_ok, Bt, Ct, Dn, zf, sz, bn, has_D, has_z, has_bias) = _prepare(
-        u, delta, A, B, C, D, z, delta_bias, reverse)
-    of, so = _span(out, reverse)
+        u, delta, A, B, C, D, z, delta_bias, False)
+    of, so = _span(out)
+    if delta_out is not None:
+        dof, sdo = _span(delta_out)
+    else:
+        dof, sdo = _empty(of.dtype), np.zeros(4, dtype=np.int64)
     lst = last.numpy()
     kernel, items = (_forward_n16 if N == 16 else _forward_any), batch * E
+    scale = of.dtype.type(out_scale)
 
     def call(lo, hi, chunk):
         kernel(lo, hi, L, uf, su, df, sd, a, a_ok, Bt, Ct, Dn, zf, sz, bn, has_D, has_z, has_bias,
-               bool(delta_softplus), of, so, lst)
+               bool(delta_softplus), of, so, lst, bool(accumulate), scale, dof, sdo, delta_out is not None,
+               bool(reverse))
 
     _run_rows(call, items, batch * E * L * N)
     return out, last
@@ -699,6 +750,39 @@ class _SelectiveScanCPU(torch.autograd.Function):
         return grads + (None, None)
 
 
+@njit(nogil=True, error_model="numpy", cache=True)
+def _delta_rows(lo, hi, dl, sd, bias, has_bias, softplus, of, so, E, L):
+    dtb = np.empty(L, of.dtype)
+    for i in range(lo, hi):
+        b = i // E
+        e = i - b * E
+        _delta_row(dl, sd[0] + b * sd[1] + e * sd[2], sd[3], bias[e] if has_bias else of.dtype.type(0), softplus,
+                   dtb)
+        _store_row(of, so[0] + b * so[1] + e * so[2], so[3], dtb)
+
+
+def scan_delta_cpu(delta, delta_bias=None, delta_softplus=True):
+    """Δ exactly as :func:`selective_scan_cpu` computes it (delta + delta_bias, then softplus), forward only,
+    in delta's layout when delta is dense: what its ``delta_out=`` writes, for callers that need Δ
+    while the scan itself runs under autograd. float32/float64 (B, E, L) CPU tensors."""
+    if delta.dim() != 3 or delta.device.type != "cpu" or delta.dtype not in _NATIVE:
+        raise ValueError(f"scan_delta_cpu: delta must be a float32/float64 (batch, dim, seqlen) CPU tensor, "
+                         f"got {tuple(delta.shape)} {delta.dtype} on {delta.device}")
+    Bn, E, L = delta.shape
+    if delta_bias is not None and tuple(delta_bias.shape) != (E,):
+        raise ValueError(f"scan_delta_cpu: delta_bias must be ({E},), got {tuple(delta_bias.shape)}")
+    out = _out_like(delta)
+    if delta.numel() == 0:
+        return out
+    df, sd = _span(delta)
+    of, so = _span(out)
+    bn = (delta_bias.detach().to(delta.dtype).contiguous().numpy() if delta_bias is not None
+          else _empty(of.dtype))
+    _run_rows(lambda lo, hi, chunk: _delta_rows(lo, hi, df, sd, bn, delta_bias is not None, bool(delta_softplus),
+                                                of, so, E, L), Bn * E, Bn * E * L)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ checking
 _NATIVE = (torch.float32, torch.float64)
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -736,8 +820,25 @@ def _check(u, delta, A, B, C, D, z, delta_bias):
                              f"got {tuple(x.shape)}")
 
 
+def _check_out(name, x, shape, dtype):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"selective_scan_cpu: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"selective_scan_cpu: {name} is on {x.device}; it must be a CPU tensor")
+    if x.dtype != dtype:
+        raise TypeError(f"selective_scan_cpu: {name} must be {dtype} (the compute dtype; out= and delta_out= "
+                        f"need float32 or float64 inputs), got {x.dtype}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"selective_scan_cpu: {name} must have shape (batch, dim, seqlen) = {shape}, "
+                         f"got {tuple(x.shape)}")
+    if not _dense(x):
+        raise ValueError(f"selective_scan_cpu: {name} must be a dense tensor (any dimension order, no gaps or "
+                         f"broadcast strides), got strides {x.stride()}")
+
+
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, *, reverse=False):
+                       return_last_state=False, *, reverse=False, out=None, accumulate=False, out_scale=1.0,
+                       delta_out=None):
     """Selective scan on CPU tensors; same signature, semantics and gradients as ``selective_scan_ref``.
 
     Returns ``out`` (u's dtype and shape; in u's memory layout when u is a dense view such as a transposed
@@ -747,19 +848,55 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     ``reverse=True`` (an extension, not in mamba's signature) scans from the last token to the first:
     the same as flipping u, delta, z, B and C along L, scanning, and flipping the output back, without
     the five copies; ``last_state`` is then the state after token 0. Vim's backward direction is this.
+
+    Forward-only extensions (inference; they raise ``ValueError`` when a gradient would be needed), all
+    for float32/float64 inputs, used by the two-direction mixer to skip torch passes over (B, E, L):
+
+    * ``out``: a dense (batch, dim, seqlen) tensor of the compute dtype, any memory layout, to write the
+      result into (and return). It must not overlap any input.
+    * ``accumulate=True``: ``out = (out + result) · out_scale`` instead of ``out = result · out_scale``;
+      Vim's mixer writes the forward direction, then accumulates the reverse one with ``out_scale=0.5``,
+      which is exactly its ``(y_f + y_b) / 2``.
+    * ``delta_out``: a dense (batch, dim, seqlen) tensor that receives Δ as the scan used it (after
+      delta_bias and softplus), in token order also with ``reverse``: what MTR reads, at no extra pass.
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
-    if 0 in u.shape or A.shape[1] == 0:
-        # Nothing to scan (empty batch, channels, sequence or state): the reference is exact and free.
-        return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                  delta_softplus=delta_softplus, return_last_state=return_last_state)
     dtype_in = u.dtype
     cdt = torch.float64 if dtype_in == torch.float64 else torch.float32
+    shape = tuple(u.shape)
+    extended = out is not None or delta_out is not None
+    if out is not None:
+        _check_out("out", out, shape, cdt)
+    elif accumulate:
+        raise ValueError("selective_scan_cpu: accumulate=True needs out= (the tensor to accumulate into)")
+    if delta_out is not None:
+        _check_out("delta_out", delta_out, shape, cdt)
+    if extended and dtype_in != cdt:
+        raise TypeError(f"selective_scan_cpu: out= and delta_out= need float32 or float64 inputs, got u {dtype_in}")
     args = [x if x is None else x.to(cdt) for x in (u, delta, A, B, C, D, z, delta_bias)]
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args)
+    if extended and needs_grad:
+        raise ValueError("selective_scan_cpu: out=, accumulate= and delta_out= are forward-only; call it under "
+                         "torch.no_grad() / inference_mode, or without them when gradients are needed")
+    if 0 in u.shape or A.shape[1] == 0:
+        # Nothing to scan (empty batch, channels, sequence or state): the reference is exact and free.
+        res = selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                 delta_softplus=delta_softplus, return_last_state=True)
+        if not extended:
+            return res if return_last_state else res[0]
+        y, last = res
+        if delta_out is not None:
+            d = delta.to(cdt) + (0 if delta_bias is None else delta_bias.to(cdt)[:, None])
+            delta_out.copy_(F.softplus(d) if delta_softplus else d)
+        if out is not None:
+            out.copy_((out + y) * out_scale if accumulate else y * out_scale)
+            y = out
+        return (y, last) if return_last_state else y
     softplus = bool(delta_softplus)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
-        out, last = _SelectiveScanCPU.apply(*args, softplus, bool(reverse))
+    if needs_grad:
+        res, last = _SelectiveScanCPU.apply(*args, softplus, bool(reverse))
     else:
-        out, last = _forward(*args, softplus, bool(reverse))
-    out = out.to(dtype_in)
-    return (out, last) if return_last_state else out
+        res, last = _forward(*args, softplus, bool(reverse), out=out, accumulate=bool(accumulate),
+                             out_scale=float(out_scale), delta_out=delta_out)
+    res = res.to(dtype_in)
+    return (res, last) if return_last_state else res

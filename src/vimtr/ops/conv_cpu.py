@@ -1,0 +1,178 @@
+"""Both of Vim's depthwise convolutions (causal and anti-causal, + bias + SiLU) in one numba pass, CPU.
+
+Vim's backward direction convolves the flipped sequence causally and flips the result back, which is an
+anti-causal convolution of the sequence as it is::
+
+    c_f[t] = silu(b_f + Σ_j w_f[j] · x[t − (K−1) + j])      (causal, the forward direction)
+    c_b[t] = silu(b_b + Σ_j w_b[j] · x[t + (K−1) − j])      (anti-causal, = flip(causal(flip(x))))
+
+:func:`causal_conv1d_bidir_cpu` computes both from one read of x (rows with any strides, e.g. a slice of
+the ``in_proj`` output) into output tensors of any layout the caller chose, without the flips, the
+separate SiLU pass and oneDNN's per-call overhead. It is forward-only: when a gradient is needed it
+computes the same values with ``torch.nn.functional.conv1d`` (differentiable), so callers never have
+to choose. float32 only in the kernel; other dtypes take the torch path too.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import njit
+
+from vimtr.ops.scan_cpu import _FM_KERNEL, _load_row, _run_rows, _sigmoid, _span, _store_row
+
+__all__ = ["causal_conv1d_bidir_cpu", "causal_conv1d_bidir_ref"]
+
+
+@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+def _conv_bidir(lo, hi, L, x, sx, wf, bf, wb, bb, of, so, ob, sob, silu):
+    """Rows [lo, hi) of (B, E, L); row i is (b, e) = divmod(i, E). s* = (base, batch, channel, token)."""
+    E, K = wf.shape
+    dtype = wf.dtype
+    zero = dtype.type(0)
+    xb = np.zeros(L + 2 * (K - 1), dtype)  # the row with K-1 zeros on each side
+    cf = np.empty(L, dtype)
+    cb = np.empty(L, dtype)
+    for i in range(lo, hi):
+        b = i // E
+        e = i - b * E
+        x0 = sx[0] + b * sx[1] + e * sx[2]
+        _load_row(x, x0, sx[3], xb[K - 1:K - 1 + L])
+        for t in range(L):
+            cf[t] = bf[e]
+            cb[t] = bb[e]
+        for j in range(K):
+            # Shifted windows as slices: LLVM vectorises these loops, not ones indexing xb[t + j] (numba's
+            # negative-index wraparound on a sum it cannot prove non-negative blocks it; 3x measured).
+            w1 = wf[e, j]
+            w2 = wb[e, j]
+            s1 = xb[j:j + L]
+            s2 = xb[2 * (K - 1) - j:2 * (K - 1) - j + L]
+            for t in range(L):
+                cf[t] += w1 * s1[t]
+            for t in range(L):
+                cb[t] += w2 * s2[t]
+        if silu:
+            for t in range(L):
+                v = cf[t]
+                cf[t] = v * _sigmoid(v)
+            for t in range(L):
+                v = cb[t]
+                cb[t] = v * _sigmoid(v)
+        _store_row(of, so[0] + b * so[1] + e * so[2], so[3], cf)
+        _store_row(ob, sob[0] + b * sob[1] + e * sob[2], sob[3], cb)
+        for t in range(K - 1):  # the padding stays zero for the next row
+            xb[t] = zero
+
+
+def _weights(w, E):
+    if w.dim() == 3 and w.shape[:2] == (E, 1):
+        w = w.reshape(E, -1)
+    if w.dim() != 2 or w.shape[0] != E:
+        raise ValueError(f"causal_conv1d_bidir_cpu: weights must be (dim, 1, K) or (dim, K) with dim = {E}, "
+                         f"got {tuple(w.shape)}")
+    return w
+
+
+def causal_conv1d_bidir_ref(x, w_f, b_f, w_b, b_b, activation: bool = True):
+    """The same two convolutions with torch ops (differentiable, any device and dtype)."""
+    E = x.shape[1]
+    w_f, w_b = _weights(w_f, E), _weights(w_b, E)
+    K = w_f.shape[1]
+    c_f = F.conv1d(x, w_f.unsqueeze(1), b_f, padding=K - 1, groups=E)[..., : x.shape[-1]]
+    c_b = F.conv1d(x, w_b.flip(-1).unsqueeze(1), b_b, padding=K - 1, groups=E)[..., K - 1:]
+    return (F.silu(c_f), F.silu(c_b)) if activation else (c_f, c_b)
+
+
+def _kernel_forward(x, w_f, b_f, w_b, b_b, activation, out_f, out_b):
+    Bn, E, L = x.shape
+    zeros = None if b_f is not None and b_b is not None else torch.zeros(E)
+    bf = (b_f if b_f is not None else zeros).detach().contiguous().numpy()
+    bb = (b_b if b_b is not None else zeros).detach().contiguous().numpy()
+    xf, sx = _span(x)
+    of, so = _span(out_f)
+    ob, sob = _span(out_b)
+    wf = w_f.detach().contiguous().numpy()
+    wb = w_b.detach().contiguous().numpy()
+
+    def call(lo, hi, chunk):
+        _conv_bidir(lo, hi, L, xf, sx, wf, bf, wb, bb, of, so, ob, sob, bool(activation))
+
+    _run_rows(call, Bn * E, Bn * E * L * w_f.shape[1] // 4)
+    return out_f, out_b
+
+
+def _new_out(x, channel_major):
+    Bn, E, L = x.shape
+    return torch.empty(E, Bn, L).transpose(0, 1) if channel_major else torch.empty(Bn, E, L)
+
+
+class _ConvBidir(torch.autograd.Function):
+    """The kernel's values forward; the backward differentiates :func:`causal_conv1d_bidir_ref`
+    (recomputed), so training through this path gets the same gradients as through torch's conv."""
+
+    @staticmethod
+    def forward(ctx, x, w_f, b_f, w_b, b_b, activation, channel_major):
+        ctx.save_for_backward(x, w_f, b_f, w_b, b_b)
+        ctx.activation = activation
+        return _kernel_forward(x, w_f, b_f, w_b, b_b, activation, _new_out(x, channel_major),
+                               _new_out(x, channel_major))
+
+    @staticmethod
+    def backward(ctx, g_f, g_b):
+        saved = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip(saved, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            c_f, c_b = causal_conv1d_bidir_ref(*inputs, ctx.activation)
+            wanted = [t for t in inputs if t is not None and t.requires_grad]
+            outs, grads = zip(*[(c, g) for c, g in ((c_f, g_f), (c_b, g_b)) if g is not None])
+            got = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True)) if wanted else iter(())
+        return tuple(next(got) if t is not None and t.requires_grad else None for t in inputs) + (None, None)
+
+
+def causal_conv1d_bidir_cpu(x, w_f, b_f, w_b, b_b, activation: bool = True, out_f=None, out_b=None,
+                            channel_major: bool = False):
+    """x (B, E, L) -> (c_f, c_b), each (B, E, L): the causal conv with (w_f, b_f) and the anti-causal one
+    with (w_b, b_b) (weights (E, 1, K) as ``nn.Conv1d`` stores them, or (E, K); biases (E,) or None),
+    SiLU applied when ``activation``.
+
+    Outputs: ``out_f`` / ``out_b``, dense float32 (B, E, L) tensors of any layout to write into (they
+    must not overlap x; forward-only), else new tensors, stored as (E, B, L) with ``channel_major``
+    (the layout of Vim's CPU mixer path) or contiguous. Gradients flow (the backward recomputes with
+    torch's conv). float32 CPU inputs run the kernel; anything else takes :func:`causal_conv1d_bidir_ref`.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d_bidir_cpu: x must be (batch, dim, seqlen), got {tuple(x.shape)}")
+    Bn, E, L = x.shape
+    w_f, w_b = _weights(w_f, E), _weights(w_b, E)
+    if w_f.shape != w_b.shape:
+        raise ValueError(f"causal_conv1d_bidir_cpu: w_f {tuple(w_f.shape)} and w_b {tuple(w_b.shape)} differ")
+    for name, bias in (("b_f", b_f), ("b_b", b_b)):
+        if bias is not None and tuple(bias.shape) != (E,):
+            raise ValueError(f"causal_conv1d_bidir_cpu: {name} must be ({E},), got {tuple(bias.shape)}")
+    for name, o in (("out_f", out_f), ("out_b", out_b)):
+        if o is not None and tuple(o.shape) != (Bn, E, L):
+            raise ValueError(f"causal_conv1d_bidir_cpu: {name} must be {(Bn, E, L)}, got {tuple(o.shape)}")
+    tensors = [t for t in (x, w_f, b_f, w_b, b_b, out_f, out_b) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if needs_grad and (out_f is not None or out_b is not None):
+        raise ValueError("causal_conv1d_bidir_cpu: out_f=/out_b= are forward-only; leave them out when "
+                         "gradients are needed")
+    fast = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and x.numel() > 0
+    if not fast:
+        c_f, c_b = causal_conv1d_bidir_ref(x, w_f, b_f, w_b, b_b, activation)
+        if out_f is not None:
+            c_f = out_f.copy_(c_f)
+        if out_b is not None:
+            c_b = out_b.copy_(c_b)
+        return c_f, c_b
+    if needs_grad:
+        return _ConvBidir.apply(x, w_f, b_f, w_b, b_b, bool(activation), bool(channel_major))
+    from vimtr.ops.scan_cpu import _dense
+    out_f = _new_out(x, channel_major) if out_f is None else out_f
+    out_b = _new_out(x, channel_major) if out_b is None else out_b
+    for name, o in (("out_f", out_f), ("out_b", out_b)):
+        if not _dense(o):
+            raise ValueError(f"causal_conv1d_bidir_cpu: {name} must be dense, got strides {o.stride()}")
+    return _kernel_forward(x, w_f, b_f, w_b, b_b, activation, out_f, out_b)

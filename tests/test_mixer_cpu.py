@@ -1,0 +1,177 @@
+"""The CPU mixer path (vimtr.models.layers.BiMamba._forward_cpu) and its kernels (vimtr.ops.conv_cpu, the
+scan's out=/accumulate=/delta_out= extensions): values against the flip path, bit-equality across grad
+modes, gradients, bad input. No timings here."""
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from vimtr.models.layers import BiMamba
+from vimtr.ops import causal_conv1d_ref, scan_backend, selective_scan_ref
+from vimtr.ops.conv_cpu import causal_conv1d_bidir_cpu, causal_conv1d_bidir_ref
+from vimtr.ops.scan_cpu import scan_delta_cpu, selective_scan_cpu
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _mixer(divide_out=True, seed=0, d=32):
+    torch.manual_seed(seed)
+    m = BiMamba(d, divide_out=divide_out)
+    with torch.no_grad():  # non-trivial conv biases and D so every term shows
+        for p in (m.conv1d.bias, m.conv1d_b.bias, m.D, m.D_b):
+            p.normal_()
+    return m
+
+
+@pytest.mark.parametrize("divide_out", [True, False])
+def test_cpu_path_matches_flip_path(divide_out):
+    m, h = _mixer(divide_out), torch.randn(3, 17, 32)
+    with torch.no_grad():
+        with scan_backend("reference"):
+            ref, ref_aux = m(h, want_aux=True)
+        with scan_backend("cpu"):
+            assert m._use_cpu_path(h)
+            out, aux = m(h, want_aux=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert aux.keys() == ref_aux.keys()
+    for k in aux:
+        assert aux[k].shape == ref_aux[k].shape, k
+        torch.testing.assert_close(aux[k], ref_aux[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_path_is_bit_identical_across_grad_modes():
+    m, h = _mixer(), torch.randn(2, 11, 32)
+    with scan_backend("cpu"):
+        with torch.inference_mode():
+            a, aux_a = m(h, want_aux=True)
+        with torch.no_grad():  # the workspace made under inference_mode must work here too
+            b, aux_b = m(h, want_aux=True)
+        c, aux_c = m(h, want_aux=True)
+    assert torch.equal(a, b) and torch.equal(b, c.detach())
+    for k in aux_a:
+        assert torch.equal(aux_a[k], aux_b[k]) and torch.equal(aux_b[k], aux_c[k].detach()), k
+
+
+def test_cpu_path_gradients_match_flip_path():
+    m, h0 = _mixer(seed=3), torch.randn(2, 13, 32)
+    grads = []
+    for backend in ("reference", "cpu"):
+        m.zero_grad()
+        h = h0.clone().requires_grad_()
+        with scan_backend(backend):
+            out, _ = m(h)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([h.grad] + [p.grad.clone() for p in m.parameters()])
+    for g_ref, g in zip(*grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * max(1.0, g_ref.abs().max().item()))
+
+
+def test_other_backends_and_dtypes_take_the_flip_path():
+    m, h = _mixer(), torch.randn(1, 5, 32)
+    with scan_backend("reference"):
+        assert not m._use_cpu_path(h)
+    with scan_backend("cpu"):
+        assert not m._use_cpu_path(h.double())
+
+
+# ---------------------------------------------------------------------------------------- the conv
+@pytest.mark.parametrize("k", [4, 2, 1])
+def test_conv_bidir_matches_flipped_causal_conv(k):
+    g = torch.Generator().manual_seed(k)
+    xz = torch.randn(10, 3, 19, generator=g).transpose(0, 1)  # (B, 2E, L) stored as (2E, B, L)
+    x = xz[:, :5]
+    wf, wb = torch.randn(5, 1, k, generator=g), torch.randn(5, 1, k, generator=g)
+    bf, bb = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    cf, cb = causal_conv1d_bidir_cpu(x, wf, bf, wb, bb)
+    torch.testing.assert_close(cf, causal_conv1d_ref(x, wf, bf), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cb, causal_conv1d_ref(x.flip(-1), wb, bb).flip(-1), rtol=1e-5, atol=1e-6)
+    rf, rb = causal_conv1d_bidir_ref(x, wf, None, wb, None, activation=False)
+    cf, cb = causal_conv1d_bidir_cpu(x, wf, None, wb, None, activation=False, channel_major=True)
+    assert cf.transpose(0, 1).is_contiguous()
+    torch.testing.assert_close(cf, rf, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cb, rb, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_bidir_gradients_and_bad_input():
+    x = torch.randn(2, 4, 9, dtype=torch.float64, requires_grad=True)
+    w = [torch.randn(4, 1, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    b = [torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    # float64 takes the torch path; float32 the kernel, whose backward differentiates that path
+    assert torch.autograd.gradcheck(lambda *a: causal_conv1d_bidir_cpu(*a), (x, w[0], b[0], w[1], b[1]))
+    x32 = x.detach().float().requires_grad_()
+    args32 = [t.detach().float().requires_grad_() for t in (w[0], b[0], w[1], b[1])]
+    sum(c.sum() for c in causal_conv1d_bidir_cpu(x32, *args32)).backward()
+    ref = [t.detach().clone().requires_grad_() for t in (x32, *args32)]
+    sum(c.sum() for c in causal_conv1d_bidir_ref(*ref)).backward()
+    for got, want in zip((x32, *args32), ref):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="forward-only"):
+        causal_conv1d_bidir_cpu(x32, *args32, out_f=torch.empty(2, 4, 9))
+    with pytest.raises(ValueError, match="batch, dim, seqlen"):
+        causal_conv1d_bidir_cpu(torch.randn(4, 9), *args32)
+    with pytest.raises(ValueError, match="weights"):
+        causal_conv1d_bidir_cpu(torch.randn(2, 3, 9), *args32)
+    with torch.no_grad(), pytest.raises(ValueError, match="dense"):
+        causal_conv1d_bidir_cpu(x32, *args32, out_f=torch.empty(2, 4, 18)[..., ::2])
+
+
+# ------------------------------------------------------------------- scan: out=, accumulate=, delta_out=
+def _scan_inputs(seed=0, b=2, e=6, l=15, n=16):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    return dict(u=r(e, b, l).transpose(0, 1), delta=r(e, b, l).transpose(0, 1) * 0.5, A=-torch.exp(r(e, n) * 0.5),
+                B=r(b, n, l), C=r(b, n, l), D=r(e), z=r(e, b, l).transpose(0, 1), delta_bias=r(e) * 0.5 - 1)
+
+
+@pytest.mark.parametrize("n", [16, 3])
+def test_scan_out_accumulate_and_delta_out(n):
+    x, x2 = _scan_inputs(1, n=n), _scan_inputs(2, n=n)
+    flipped = {k: (v.flip(-1) if k in ("u", "delta", "z", "B", "C") else v) for k, v in x2.items()}
+    y_f = selective_scan_ref(**x, delta_softplus=True)
+    y_b = selective_scan_ref(**flipped, delta_softplus=True).flip(-1)
+    out = torch.empty(6, 2, 15).transpose(0, 1)
+    d_f, d_b = torch.empty(2, 6, 15), torch.empty(2, 15, 6).transpose(1, 2)
+    with torch.no_grad():
+        got = selective_scan_cpu(**x, delta_softplus=True, out=out, delta_out=d_f)
+        assert got is out
+        plain = selective_scan_cpu(**x, delta_softplus=True)
+        assert torch.equal(out, plain)
+        selective_scan_cpu(**x2, delta_softplus=True, reverse=True, out=out, accumulate=True, out_scale=0.5,
+                           delta_out=d_b)
+        y_b_fast = selective_scan_cpu(**x2, delta_softplus=True, reverse=True)
+    assert torch.equal(out, (plain + y_b_fast) / 2)  # bit for bit the mixer's (y_f + y_b) / 2
+    torch.testing.assert_close(out, (y_f + y_b) / 2, rtol=1e-5, atol=1e-5)
+    for d, xx in ((d_f, x), (d_b, x2)):
+        want = torch.nn.functional.softplus(xx["delta"] + xx["delta_bias"][:, None])
+        torch.testing.assert_close(d, want, rtol=1e-6, atol=1e-7)
+        assert torch.equal(scan_delta_cpu(xx["delta"], xx["delta_bias"]), d)
+
+
+def test_scan_extensions_reject_bad_use():
+    x = _scan_inputs(3)
+    with pytest.raises(ValueError, match="accumulate=True needs out="):
+        selective_scan_cpu(**x, accumulate=True)
+    with pytest.raises(ValueError, match="shape"):
+        selective_scan_cpu(**x, out=torch.empty(2, 6, 14))
+    with pytest.raises(TypeError, match="float32"):
+        selective_scan_cpu(**x, out=torch.empty(2, 6, 15, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dense"):
+        selective_scan_cpu(**x, delta_out=torch.empty(2, 6, 30)[..., ::2])
+    with pytest.raises(TypeError, match="float32 or float64 inputs"):
+        selective_scan_cpu(**{k: v.half() for k, v in x.items()}, out=torch.empty(2, 6, 15))
+    xg = {k: v.clone().requires_grad_() for k, v in x.items()}
+    with pytest.raises(ValueError, match="forward-only"):
+        selective_scan_cpu(**xg, out=torch.empty(2, 6, 15))
+    with pytest.raises(ValueError, match="float32/float64"):
+        scan_delta_cpu(x["delta"].half())
+
+
+def test_scan_extensions_on_empty_shapes():
+    x = _scan_inputs(4, n=16)
+    x["A"], x["B"], x["C"] = x["A"][:, :0], x["B"][:, :0], x["C"][:, :0]
+    out = torch.ones(2, 6, 15)
+    d = torch.empty(2, 6, 15)
+    with torch.no_grad():
+        selective_scan_cpu(**x, delta_softplus=True, out=out, accumulate=True, out_scale=0.5, delta_out=d)
+    y = selective_scan_ref(**x, delta_softplus=True)
+    torch.testing.assert_close(out, (1 + y) * 0.5)
