@@ -33,8 +33,10 @@ def test_cpu_path_matches_flip_path(divide_out):
             assert m._use_cpu_path(h)
             out, aux = m(h, want_aux=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert aux.keys() == ref_aux.keys()
-    for k in aux:
+    assert aux.keys() == ref_aux.keys() | {"delta_channel_sum"}
+    torch.testing.assert_close(aux["delta_channel_sum"], (ref_aux["delta_f"] + ref_aux["delta_b"]).sum(1),
+                               rtol=1e-5, atol=1e-5)
+    for k in ref_aux:
         assert aux[k].shape == ref_aux[k].shape, k
         torch.testing.assert_close(aux[k], ref_aux[k], rtol=1e-5, atol=1e-6)
 
@@ -175,3 +177,28 @@ def test_scan_extensions_on_empty_shapes():
         selective_scan_cpu(**x, delta_softplus=True, out=out, accumulate=True, out_scale=0.5, delta_out=d)
     y = selective_scan_ref(**x, delta_softplus=True)
     torch.testing.assert_close(out, (1 + y) * 0.5)
+
+
+def test_delta_channel_sum_is_the_same_for_any_thread_count():
+    x = _scan_inputs(5, b=3, e=50, l=40)  # 50 channels: groups of 16 that do not divide the rows evenly
+    sums = []
+    for threads in (1, 2, 3):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            s = torch.zeros(3, 40)
+            with torch.no_grad():
+                selective_scan_cpu(**x, delta_softplus=True, delta_channel_sum=s)
+                selective_scan_cpu(**x, delta_softplus=True, reverse=True, delta_channel_sum=s)
+            s2 = torch.zeros(3, 40)
+            scan_delta_cpu(x["delta"], x["delta_bias"], channel_sum=s2)
+            scan_delta_cpu(x["delta"], x["delta_bias"], channel_sum=s2)
+        finally:
+            torch.set_num_threads(old)
+        sums.append(s)
+        assert torch.equal(s, s2)
+    assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
+    d = torch.nn.functional.softplus(x["delta"] + x["delta_bias"][:, None])
+    torch.testing.assert_close(sums[0], 2 * d.sum(1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="delta_channel_sum"):
+        selective_scan_cpu(**x, delta_channel_sum=torch.zeros(3, 41))

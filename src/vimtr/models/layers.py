@@ -117,7 +117,8 @@ class BiMamba(nn.Module):
         """hidden (B, L, D) -> (out (B, L, D), aux or None).
 
         ``aux`` (only with ``want_aux``) holds per direction, in token order: ``delta_f``/``delta_b``
-        (B, E, L) the softplus'd timescales, and ``B_f``/``B_b``/``C_f``/``C_b`` (B, L, N).
+        (B, E, L) the softplus'd timescales, and ``B_f``/``B_b``/``C_f``/``C_b`` (B, L, N). The CPU path
+        adds ``delta_channel_sum`` (B, L), Σ over channels of delta_f + delta_b, summed by the kernels.
 
         fp32 on CPU with the fast scan backend takes :meth:`_forward_cpu` (same maths, no flips or copies,
         inference and training); everything else (other devices, backends, dtypes) takes the path below.
@@ -191,6 +192,8 @@ class BiMamba(nn.Module):
         else:
             c_f, c_b = conv_bidir(*convs, out_f=bel(cf2), out_b=bel(cb2))
         aux, ys = {}, []
+        if want_aux:  # Σ_e (Δ_f + Δ_b) per token, added up by the kernels (MTR's importance, times E)
+            aux["delta_channel_sum"] = hidden.new_zeros(Bn, L)
         scale = 0.5 if self.divide_out else 1.0
         for tag, c, x_proj, dt_proj, A_log, D, reverse in (
                 ("f", c_f, self.x_proj, self.dt_proj, self.A_log, self.D, False),
@@ -205,11 +208,12 @@ class BiMamba(nn.Module):
             kw = dict(z=z, delta_bias=dt_proj.bias, delta_softplus=True, reverse=reverse)
             if grad:
                 ys.append(scan(*args, **kw))
-                delta_used = scan_delta(delta.detach(), dt_proj.bias.detach()) if want_aux else None
+                delta_used = (scan_delta(delta.detach(), dt_proj.bias.detach(), channel_sum=aux["delta_channel_sum"])
+                              if want_aux else None)
             else:
                 delta_used = bel(hidden.new_empty(E, M)) if want_aux else None
                 scan(*args, **kw, out=bel(y2), accumulate=reverse, out_scale=scale if reverse else 1.0,
-                     delta_out=delta_used)
+                     delta_out=delta_used, delta_channel_sum=aux.get("delta_channel_sum"))
             if want_aux:
                 aux.update({f"delta_{tag}": delta_used, f"B_{tag}": Bm.transpose(1, 2), f"C_{tag}": Cm.transpose(1, 2)})
         if grad:

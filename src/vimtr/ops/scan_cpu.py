@@ -335,12 +335,19 @@ def _emit_row(dst, off, stride, src, accumulate, scale):
                 dst[off + t * stride] = src[t] * scale
 
 
+@njit(nogil=True, error_model="numpy", cache=True)
+def _add_row(dst, src):
+    """dst += src (channel sums of Δ: each group of _G channels adds its rows in channel order)."""
+    for t in range(src.shape[0]):
+        dst[t] += src[t]
+
+
 def _build_forward(nfix):
     """The forward kernel; ``nfix`` > 0 fixes N at compile time (LLVM then fully unrolls the state loop)."""
 
     @njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
     def forward(lo, hi, L, u, su, dl, sd, a, a_ok, Bt, Ct, D, zf, sz, bias, has_D, has_z, has_bias, softplus,
-                of, so, last, accumulate, scale, dof, sdo, has_dout, rev):
+                of, so, last, accumulate, scale, dof, sdo, has_dout, rev, gsum, has_gsum):
         _, E, N_ = last.shape
         N = nfix if nfix > 0 else N_
         dtype = last.dtype
@@ -380,6 +387,8 @@ def _build_forward(nfix):
                     nbad = _delta_row(dl, sd[0] + b * sd[1] + e * sd[2], sd[3], bse, softplus, dtb)
                 if has_dout:
                     _store_row(dof, sdo[0] + b * sdo[1] + e * sdo[2], sdo[3], dtb)
+                if has_gsum:
+                    _add_row(gsum[b, e // _G], dtb)
                 if not a_ok:
                     nbad += one
                 if tile_u:
@@ -592,13 +601,24 @@ def _get_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _run_rows(call, rows: int, work: int) -> int:
-    """Run ``call(lo, hi, chunk)`` over [0, rows) in one contiguous chunk per thread; returns the chunk count."""
+def _aligned(i: int, E: int, group: int) -> int:
+    """The first row at or after i = b·E + e whose channel e starts a group of ``group`` channels."""
+    b, e = divmod(i, E)
+    e = -(-e // group) * group
+    return b * E + e if e < E else (b + 1) * E
+
+
+def _run_rows(call, rows: int, work: int, groups_of: tuple[int, int] | None = None) -> int:
+    """Run ``call(lo, hi, chunk)`` over [0, rows) in one contiguous chunk per thread; returns the chunk count.
+    ``groups_of=(E, G)``: chunks start only where a group of G channels starts (row i is channel i % E),
+    so no group is split between threads."""
     nt = _threads_for(rows, work)
     if nt == 1:
         call(0, rows, 0)
         return 1
     bounds = [rows * k // nt for k in range(nt + 1)]
+    if groups_of is not None:
+        bounds = [min(rows, _aligned(x, *groups_of)) for x in bounds]
     pool = _get_pool(nt - 1)
     futures = [pool.submit(call, bounds[k], bounds[k + 1], k) for k in range(1, nt)]
     try:
@@ -667,7 +687,7 @@ def _dense(x):
 
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, out=None, accumulate=False,
-             out_scale=1.0, delta_out=None):
+             out_scale=1.0, delta_out=None, delta_channel_sum=None):
     batch, E, L = u.shape
     N = A.shape[1]
     if out is None:
@@ -685,14 +705,26 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False,
     lst = last.numpy()
     kernel, items = (_forward_n16 if N == 16 else _forward_any), batch * E
     scale = of.dtype.type(out_scale)
+    groups = _channel_groups(batch, E, L, of.dtype, delta_channel_sum is not None)
 
     def call(lo, hi, chunk):
         kernel(lo, hi, L, uf, su, df, sd, a, a_ok, Bt, Ct, Dn, zf, sz, bn, has_D, has_z, has_bias,
                bool(delta_softplus), of, so, lst, bool(accumulate), scale, dof, sdo, delta_out is not None,
-               bool(reverse))
+               bool(reverse), groups, delta_channel_sum is not None)
 
-    _run_rows(call, items, batch * E * L * N)
+    _run_rows(call, items, batch * E * L * N, groups_of=(E, _G))
+    if delta_channel_sum is not None:
+        delta_channel_sum += torch.from_numpy(groups).sum(1)
     return out, last
+
+
+def _channel_groups(batch, E, L, dtype, wanted):
+    """Partial channel sums of Δ, one per group of _G channels: each group is summed by one thread in
+    channel order and the groups are then summed by torch, so the result does not depend on the thread
+    count (run_rows keeps groups whole)."""
+    if not wanted:
+        return np.zeros((0, 0, 0), dtype)
+    return np.zeros((batch, -(-E // _G), L), dtype)
 
 
 def _backward_impl(saved, delta_softplus, reverse, dout, dlast):
@@ -751,7 +783,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _delta_rows(lo, hi, dl, sd, bias, has_bias, softplus, of, so, E, L):
+def _delta_rows(lo, hi, dl, sd, bias, has_bias, softplus, of, so, E, L, gsum, has_gsum):
     dtb = np.empty(L, of.dtype)
     for i in range(lo, hi):
         b = i // E
@@ -759,12 +791,15 @@ def _delta_rows(lo, hi, dl, sd, bias, has_bias, softplus, of, so, E, L):
         _delta_row(dl, sd[0] + b * sd[1] + e * sd[2], sd[3], bias[e] if has_bias else of.dtype.type(0), softplus,
                    dtb)
         _store_row(of, so[0] + b * so[1] + e * so[2], so[3], dtb)
+        if has_gsum:
+            _add_row(gsum[b, e // _G], dtb)
 
 
-def scan_delta_cpu(delta, delta_bias=None, delta_softplus=True):
+def scan_delta_cpu(delta, delta_bias=None, delta_softplus=True, channel_sum=None):
     """Δ exactly as :func:`selective_scan_cpu` computes it (delta + delta_bias, then softplus), forward only,
     in delta's layout when delta is dense: what its ``delta_out=`` writes, for callers that need Δ
-    while the scan itself runs under autograd. float32/float64 (B, E, L) CPU tensors."""
+    while the scan itself runs under autograd. float32/float64 (B, E, L) CPU tensors. ``channel_sum``:
+    a (B, L) tensor Σ_e Δ is added to, exactly as the scan's ``delta_channel_sum=`` adds it."""
     if delta.dim() != 3 or delta.device.type != "cpu" or delta.dtype not in _NATIVE:
         raise ValueError(f"scan_delta_cpu: delta must be a float32/float64 (batch, dim, seqlen) CPU tensor, "
                          f"got {tuple(delta.shape)} {delta.dtype} on {delta.device}")
@@ -778,8 +813,14 @@ def scan_delta_cpu(delta, delta_bias=None, delta_softplus=True):
     of, so = _span(out)
     bn = (delta_bias.detach().to(delta.dtype).contiguous().numpy() if delta_bias is not None
           else _empty(of.dtype))
+    if channel_sum is not None:
+        _check_sum("channel_sum", channel_sum, (Bn, L), delta.dtype)
+    groups = _channel_groups(Bn, E, L, of.dtype, channel_sum is not None)
     _run_rows(lambda lo, hi, chunk: _delta_rows(lo, hi, df, sd, bn, delta_bias is not None, bool(delta_softplus),
-                                                of, so, E, L), Bn * E, Bn * E * L)
+                                                of, so, E, L, groups, channel_sum is not None),
+              Bn * E, Bn * E * L, groups_of=(E, _G))
+    if channel_sum is not None:
+        channel_sum += torch.from_numpy(groups).sum(1)
     return out
 
 
@@ -836,9 +877,16 @@ def _check_out(name, x, shape, dtype):
                          f"broadcast strides), got strides {x.stride()}")
 
 
+def _check_sum(name, x, shape, dtype):
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype != dtype or tuple(x.shape) != shape:
+        what = f"{tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"selective_scan_cpu: {name} must be a {dtype} CPU tensor of shape (batch, seqlen) = "
+                         f"{shape}, got {what}")
+
+
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, *, reverse=False, out=None, accumulate=False, out_scale=1.0,
-                       delta_out=None):
+                       delta_out=None, delta_channel_sum=None):
     """Selective scan on CPU tensors; same signature, semantics and gradients as ``selective_scan_ref``.
 
     Returns ``out`` (u's dtype and shape; in u's memory layout when u is a dense view such as a transposed
@@ -859,12 +907,18 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
       which is exactly its ``(y_f + y_b) / 2``.
     * ``delta_out``: a dense (batch, dim, seqlen) tensor that receives Δ as the scan used it (after
       delta_bias and softplus), in token order also with ``reverse``: what MTR reads, at no extra pass.
+    * ``delta_channel_sum``: a (batch, seqlen) tensor of the compute dtype that Σ_e Δ[b, e, t] is *added*
+      to (zero it first): MTR's importance is the channel mean of Δ_f + Δ_b, so both directions add into
+      one tensor and torch's (B, E, L) add and mean disappear. Summed in groups of 16 channels, each in
+      channel order, then over groups: the same result for any thread count.
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
     cdt = torch.float64 if dtype_in == torch.float64 else torch.float32
     shape = tuple(u.shape)
-    extended = out is not None or delta_out is not None
+    extended = out is not None or delta_out is not None or delta_channel_sum is not None
+    if delta_channel_sum is not None:
+        _check_sum("delta_channel_sum", delta_channel_sum, (shape[0], shape[2]), cdt)
     if out is not None:
         _check_out("out", out, shape, cdt)
     elif accumulate:
@@ -885,9 +939,12 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         if not extended:
             return res if return_last_state else res[0]
         y, last = res
+        d = delta.to(cdt) + (0 if delta_bias is None else delta_bias.to(cdt)[:, None])
+        d = F.softplus(d) if delta_softplus else d
         if delta_out is not None:
-            d = delta.to(cdt) + (0 if delta_bias is None else delta_bias.to(cdt)[:, None])
-            delta_out.copy_(F.softplus(d) if delta_softplus else d)
+            delta_out.copy_(d)
+        if delta_channel_sum is not None:
+            delta_channel_sum += d.sum(1)
         if out is not None:
             out.copy_((out + y) * out_scale if accumulate else y * out_scale)
             y = out
@@ -897,6 +954,6 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         res, last = _SelectiveScanCPU.apply(*args, softplus, bool(reverse))
     else:
         res, last = _forward(*args, softplus, bool(reverse), out=out, accumulate=bool(accumulate),
-                             out_scale=float(out_scale), delta_out=delta_out)
+                             out_scale=float(out_scale), delta_out=delta_out, delta_channel_sum=delta_channel_sum)
     res = res.to(dtype_in)
     return (res, last) if return_last_state else res

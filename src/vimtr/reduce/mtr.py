@@ -33,9 +33,16 @@ from vimtr.reduce.merge import importance_plan, proportional_cls_pos, split_cls
 
 def delta_importance(aux: dict, pool: str = "none") -> torch.Tensor:
     """MTR's importance per token (B, L) from a mixer's aux: Δ summed over the two scans (the backward
-    one already in token order), then averaged over channels (or max / max-pooled, see ``pool``)."""
-    delta = aux["delta_f"] + aux["delta_b"]  # (B, E, L)
-    s = delta.amax(dim=1) if pool == "channel_max" else delta.mean(dim=1)
+    one already in token order), then averaged over channels (or max / max-pooled, see ``pool``).
+
+    The CPU mixer path hands over ``delta_channel_sum``, that channel sum computed inside the scan
+    kernels (no (B, E, L) add and mean here: they were a third of MTR's reduction step); the other
+    paths only Δ itself."""
+    if pool != "channel_max" and "delta_channel_sum" in aux:
+        s = aux["delta_channel_sum"] / aux["delta_f"].shape[1]
+    else:
+        delta = aux["delta_f"] + aux["delta_b"]  # (B, E, L)
+        s = delta.amax(dim=1) if pool == "channel_max" else delta.mean(dim=1)
     if pool == "token_max":
         s = F.max_pool1d(s.unsqueeze(1), kernel_size=3, stride=1, padding=1).squeeze(1)
     return s
@@ -65,11 +72,10 @@ class MTR(TokenReducer):
     def plan(self, block, state, r):
         _, s = split_cls(self.score(state).unsqueeze(-1), state.cls_index)
         feats = state.hidden if self.params["feature"] == "hidden" else state.residual
-        _, feats = split_cls(feats, state.cls_index)
         T = s.shape[1]
         n_keep = min(int(self.params["keep_ratio"] * T), T - r - 1)
         plan = importance_plan(s.squeeze(-1), r, T - r - n_keep, feats, self.params["prune"],
-                               self.params["distance"])
+                               self.params["distance"], features_cls_index=state.cls_index)
         plan.cls_pos = proportional_cls_pos(state.cls_index, state.length, r)
         return plan
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 
 from vimtr.reduce.base import TokenReducer
-from vimtr.reduce.merge import bipartite_plan, split_cls
+from vimtr.reduce.merge import bipartite_plan
 
 
 class RMeeTo(TokenReducer):
@@ -67,10 +67,9 @@ class RMeeTo(TokenReducer):
         return (aux[f"{key}_f"] + aux[f"{key}_b"]) / 2
 
     def plan(self, block, state, r):
-        _, metric = split_cls(self._metric(state), state.cls_index)
         p = self.params
-        return bipartite_plan(metric, r, p["distance"], p["kth"], p["ordered"], p["prune"], state.cls_index,
-                              state.length)
+        return bipartite_plan(self._metric(state), r, p["distance"], p["kth"], p["ordered"], p["prune"],
+                              state.cls_index, state.length, metric_has_cls=state.cls_index is not None)
 
     def overhead_macs(self, length, r):
         # R-MeeTo's own accounting (calculate_flops_designer_ToMe, metric X): norm + A·B scores + merge.
