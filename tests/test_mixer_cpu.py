@@ -202,3 +202,22 @@ def test_delta_channel_sum_is_the_same_for_any_thread_count():
     torch.testing.assert_close(sums[0], 2 * d.sum(1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="delta_channel_sum"):
         selective_scan_cpu(**x, delta_channel_sum=torch.zeros(3, 41))
+
+
+# ------------------------------------------------------------------------------ residual add + norm
+def test_add_rmsnorm_matches_torch_and_has_gradients():
+    from vimtr.ops.norm_cpu import add_rmsnorm_cpu, add_rmsnorm_ref
+    g = torch.Generator().manual_seed(6)
+    h, r, w = torch.randn(2, 7, 24, generator=g), torch.randn(2, 7, 24, generator=g), torch.randn(24, generator=g)
+    for res in (r, None):
+        got, want = add_rmsnorm_cpu(h, res, w, 1e-5), add_rmsnorm_ref(h, res, w, 1e-5)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    ins = [t.clone().requires_grad_() for t in (h, r, w)]
+    ref = [t.clone().requires_grad_() for t in (h, r, w)]
+    for fn, args in ((add_rmsnorm_cpu, ins), (add_rmsnorm_ref, ref)):
+        a, b = fn(*args, 1e-5)
+        (a.sum() + (b * torch.linspace(-1, 1, b.numel()).view_as(b)).sum()).backward()
+    for x, y in zip(ins, ref):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5)
+    assert add_rmsnorm_cpu(h.double(), None, w.double(), 1e-5)[1].dtype == torch.float64  # torch fallback

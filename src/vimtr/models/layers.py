@@ -239,6 +239,11 @@ def _workspace(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
+def _add_rmsnorm_cpu():
+    from vimtr.ops.norm_cpu import add_rmsnorm_cpu
+    return add_rmsnorm_cpu
+
+
 _CPU_KERNELS: tuple | None = None
 
 
@@ -266,10 +271,14 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, hidden, residual=None, want_aux: bool = False):
-        if residual is None:  # first block: the embedding itself starts the residual stream
-            residual = hidden.float()
+        if isinstance(self.drop_path, nn.Identity) and self.mixer._use_cpu_path(hidden):
+            # The CPU path: the add and the norm in one kernel pass (same formula; see vimtr.ops.norm_cpu).
+            residual, normed = _add_rmsnorm_cpu()(hidden, residual, self.norm.weight, self.norm.eps)
         else:
-            residual = residual + self.drop_path(hidden).float()
-        normed = self.norm(residual, out_dtype=hidden.dtype)
+            if residual is None:  # first block: the embedding itself starts the residual stream
+                residual = hidden.float()
+            else:
+                residual = residual + self.drop_path(hidden).float()
+            normed = self.norm(residual, out_dtype=hidden.dtype)
         out, aux = self.mixer(normed, want_aux=want_aux)
         return out, residual, aux

@@ -400,7 +400,14 @@ def _build_forward(nfix):
                     else:
                         _load_row(u, u0, su[3], ub)
                         ur = ub
-                yr = Yt[w * L:(w + 1) * L] if tile_o else yb
+                o0 = so[0] + b * so[1] + e * so[2]
+                in_place = not tile_o and so[3] == 1 and not accumulate and scale == one
+                if tile_o:
+                    yr = Yt[w * L:(w + 1) * L]
+                elif in_place:
+                    yr = of[o0:o0 + L]  # write in place (no emit pass)
+                else:
+                    yr = yb
                 for n in range(N):
                     h[n] = zero
                 if nbad == 0:
@@ -444,8 +451,8 @@ def _build_forward(nfix):
                 elif has_D:
                     for t in range(L):
                         yr[t] = yr[t] + De * ur[t]
-                if not tile_o:
-                    _emit_row(of, so[0] + b * so[1] + e * so[2], so[3], yr, accumulate, scale)
+                if not tile_o and not in_place:
+                    _emit_row(of, o0, so[3], yr, accumulate, scale)
                 for n in range(N):
                     last[b, e, n] = h[n]
             if tile_o:
