@@ -37,9 +37,9 @@ Why it is shaped the way it is (every number below was measured, see benchmarks/
   channel-last view), which costs ~20% where reading them element by element cost ~90%. B and C are
   small and are transposed to (Bt, L, N) so a token's N values are contiguous.
 * ``reverse=True`` scans from the last token: Vim's backward direction without flipping five tensors
-  and the output. The forward kernel reads and writes rows in token order and runs its recurrence
-  backwards (a row read through a negated stride is a gather: ~0.3 ms per operand at Vim-Ti batch 8);
-  the backward kernel reads through negated strides.
+  and the output. Rows are read and written through negated token strides (a contiguous row becomes a
+  reversed copy into a row buffer, ~0.1 ms per operand at Vim-Ti batch 8), so the hot loop is the
+  forward one: iterating it backwards instead cost 35-43%.
 * Forward-only ``out=`` / ``accumulate=`` / ``delta_out=`` let Vim's CPU mixer path sum the two
   directions in the kernel ((y_f + y_b)·½ written in place) and get the Δ MTR reads without a softplus
   pass in torch.
@@ -342,6 +342,13 @@ def _add_row(dst, src):
         dst[t] += src[t]
 
 
+@njit(nogil=True, error_model="numpy", cache=True)
+def _add_row_reversed(dst, src):
+    L = src.shape[0]
+    for t in range(L):
+        dst[L - 1 - t] += src[t]
+
+
 def _build_forward(nfix):
     """The forward kernel; ``nfix`` > 0 fixes N at compile time (LLVM then fully unrolls the state loop)."""
 
@@ -388,7 +395,10 @@ def _build_forward(nfix):
                 if has_dout:
                     _store_row(dof, sdo[0] + b * sdo[1] + e * sdo[2], sdo[3], dtb)
                 if has_gsum:
-                    _add_row(gsum[b, e // _G], dtb)
+                    if rev:  # dtb is in scan order: from the last token
+                        _add_row_reversed(gsum[b, e // _G], dtb)
+                    else:
+                        _add_row(gsum[b, e // _G], dtb)
                 if not a_ok:
                     nbad += one
                 if tile_u:
@@ -412,8 +422,7 @@ def _build_forward(nfix):
                     h[n] = zero
                 if nbad == 0:
                     # Δ·A ≤ 0 everywhere: the decay exp needs only its underflow clamp.
-                    for tt in range(L):
-                        t = L - 1 - tt if rev else tt
+                    for t in range(L):
                         d = dtb[t]
                         du = d * ur[t]
                         Bv = Bt[b, t]
@@ -425,8 +434,7 @@ def _build_forward(nfix):
                             acc += hn * Cv[n]
                         yr[t] = acc
                 else:
-                    for tt in range(L):
-                        t = L - 1 - tt if rev else tt
+                    for t in range(L):
                         d = dtb[t]
                         du = d * ur[t]
                         Bv = Bt[b, t]
@@ -700,13 +708,15 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False,
     if out is None:
         out = _out_like(u)
     last = torch.empty(batch, E, N, dtype=u.dtype)
-    # A reversed scan reads and writes every row in token order and runs its recurrence from the last
-    # token (cheaper than the backward kernel's negated strides, which make each row load a gather).
+    # A reversed scan reads every row through negated token strides (a contiguous row then costs a
+    # reversed copy into a row buffer) and runs the same loop as the forward one. Running the recurrence
+    # backwards over rows in token order instead (t = L-1-tt) was 35-43% slower: LLVM no longer sees a
+    # plain induction variable in the hot loop (measured, benchmarks/NOTES.md).
     (uf, su, df, sd, a, a_ok, Bt, Ct, Dn, zf, sz, bn, has_D, has_z, has_bias) = _prepare(
-        u, delta, A, B, C, D, z, delta_bias, False)
-    of, so = _span(out)
+        u, delta, A, B, C, D, z, delta_bias, reverse)
+    of, so = _span(out, reverse)
     if delta_out is not None:
-        dof, sdo = _span(delta_out)
+        dof, sdo = _span(delta_out, reverse)
     else:
         dof, sdo = _empty(of.dtype), np.zeros(4, dtype=np.int64)
     lst = last.numpy()
