@@ -89,37 +89,67 @@ def apply_plan(x: torch.Tensor, plan: Plan, cls_index: int | None, weight: torch
     weighted values are summed and not divided (for sizes and source maps). ``indices``: the plan's
     :func:`full_indices`, when the caller reduces several streams with one plan.
     """
-    keep, src, dst = indices if indices is not None else full_indices(plan, cls_index)
+    B, L, _ = x.shape
+    fp = _FlatPlan(indices if indices is not None else full_indices(plan, cls_index), B, L, x.device)
+    return _apply(x, fp, weight, normalise)
+
+
+class _FlatPlan:
+    """A plan's indices as rows of the flattened (B·L, C) streams, computed once for all the streams a
+    step reduces, with the merge weights' per-source factor cached per weight tensor."""
+
+    def __init__(self, indices, B: int, L: int, device):
+        keep, src, dst = indices
+        self.B, self.L, self.T = B, L, keep.shape[1]
+        self.keep = _flat(keep, L)
+        self.merges = src is not None and src.shape[1] > 0
+        if self.merges:
+            self.src, self.dst = _flat(src, L), _flat(dst, self.T)
+        self._factors = {}
+
+    def factor(self, weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """wᵢ / W for each merged source row (W: the total weight of its destination)."""
+        key = (None if weight is None else id(weight), like.dtype)
+        if key not in self._factors:
+            n = self.B * self.L
+            w2 = like.new_ones(n, 1) if weight is None else weight.to(like.dtype).reshape(n, 1)
+            w_src = _rows(w2, self.src)
+            total = _rows(w2, self.keep).index_add_(0, self.dst, w_src).index_select(0, self.dst)
+            self._factors[key] = w_src / total
+        return self._factors[key]
+
+
+def _apply(x: torch.Tensor, fp: _FlatPlan, weight, normalise: bool) -> torch.Tensor:
     B, L, C = x.shape
-    T = keep.shape[1]
+    T = fp.T
     # Everything on the flattened (B·L, C) rows: index_select / index_add_ move whole rows (see _gather).
     x2 = x.reshape(B * L, C)
-    out = _rows(x2, _flat(keep, L))  # (B·T, C), a new tensor
-    if src is None or src.shape[1] == 0:
+    out = _rows(x2, fp.keep)  # (B·T, C), a new tensor
+    if not fp.merges:
         return out.view(B, T, C)
-    src_f, dst_f = _flat(src, L), _flat(dst, T)
     if not normalise:  # sizes and source maps: plain sums
-        return out.index_add_(0, dst_f, _rows(x2, src_f)).view(B, T, C)
+        return out.index_add_(0, fp.dst, _rows(x2, fp.src)).view(B, T, C)
     # Weighted mean written as dst + Σ wᵢ(xᵢ − dst) / W (W = total weight): the same value as
     # Σ wᵢxᵢ / W, but exact when the merged tokens are identical (every difference is then 0).
     # Only the destination rows change: one pass over the output instead of three.
-    w2 = (torch.ones_like(x[..., :1]) if weight is None else weight.to(x.dtype)).reshape(B * L, 1)
-    w_src = _rows(w2, src_f)
-    total = _rows(w2, _flat(keep, L)).index_add_(0, dst_f, w_src).index_select(0, dst_f)
-    diff = (_rows(x2, src_f) - out.index_select(0, dst_f)) * (w_src / total)
-    return out.index_add_(0, dst_f, diff).view(B, T, C)
+    diff = (_rows(x2, fp.src) - out.index_select(0, fp.dst)) * fp.factor(weight, x)
+    return out.index_add_(0, fp.dst, diff).view(B, T, C)
 
 
 def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> TokenState:
     """Reduce every stream of ``state`` with the same plan (hidden and residual: weighted means)."""
     ci = state.cls_index
     weight = plan.weight if plan.weight is not None else (state.sizes if weighted else None)
-    idx = full_indices(plan, ci)
-    hidden = apply_plan(state.hidden, plan, ci, weight, indices=idx)
-    residual = None if state.residual is None else apply_plan(
-        state.residual, plan.residual or plan, ci, weight, indices=None if plan.residual else idx)
-    sizes = apply_plan(state.sizes, plan, ci, normalise=False, indices=idx)
-    source = None if state.source is None else apply_plan(state.source, plan, ci, normalise=False, indices=idx)
+    B, L, _ = state.hidden.shape
+    fp = _FlatPlan(full_indices(plan, ci), B, L, state.hidden.device)
+    hidden = _apply(state.hidden, fp, weight, True)
+    if state.residual is None:
+        residual = None
+    else:
+        rfp = _FlatPlan(full_indices(plan.residual, ci), B, L, state.hidden.device) if plan.residual else fp
+        residual = _apply(state.residual, rfp, weight, True)
+    sizes = _apply(state.sizes, fp, None, False)
+    source = None if state.source is None else _apply(state.source, fp, None, False)
     return TokenState(hidden=hidden, residual=residual, cls_index=plan.cls_pos if ci is not None else None,
                       sizes=sizes, source=source, aux={})
 
