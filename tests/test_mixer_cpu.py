@@ -33,7 +33,8 @@ def test_cpu_path_matches_flip_path(divide_out):
             assert m._use_cpu_path(h)
             out, aux = m(h, want_aux=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert aux.keys() == ref_aux.keys() | {"delta_channel_sum"}
+    assert aux.keys() == ref_aux.keys() | {"delta_channel_sum", "delta_channels"}
+    assert aux["delta_channels"] == m.d_inner
     torch.testing.assert_close(aux["delta_channel_sum"], (ref_aux["delta_f"] + ref_aux["delta_b"]).sum(1),
                                rtol=1e-5, atol=1e-5)
     for k in ref_aux:
@@ -51,6 +52,9 @@ def test_cpu_path_is_bit_identical_across_grad_modes():
         c, aux_c = m(h, want_aux=True)
     assert torch.equal(a, b) and torch.equal(b, c.detach())
     for k in aux_a:
+        if k == "delta_channels":
+            assert aux_a[k] == aux_b[k] == aux_c[k] == m.d_inner
+            continue
         assert torch.equal(aux_a[k], aux_b[k]) and torch.equal(aux_b[k], aux_c[k].detach()), k
 
 
@@ -66,6 +70,22 @@ def test_cpu_path_gradients_match_flip_path():
         grads.append([h.grad] + [p.grad.clone() for p in m.parameters()])
     for g_ref, g in zip(*grads):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * max(1.0, g_ref.abs().max().item()))
+
+
+def test_named_aux_keys_skip_delta_and_mtr_scores_agree():
+    from vimtr.reduce.mtr import delta_importance
+    m, h = _mixer(seed=4), torch.randn(2, 9, 32)
+    with torch.no_grad(), scan_backend("cpu"):
+        _, full = m(h, want_aux=True)
+        _, some = m(h, want_aux=frozenset({"delta_channel_sum", "delta_channels"}))
+        _, grad_some = m(h.requires_grad_(), want_aux=frozenset({"delta_channel_sum", "delta_channels"}))
+    assert "delta_f" not in some and "delta_b" not in some
+    assert torch.equal(some["delta_channel_sum"], full["delta_channel_sum"])
+    assert torch.equal(grad_some["delta_channel_sum"], full["delta_channel_sum"])
+    with torch.no_grad(), scan_backend("reference"):
+        _, ref = m(h, want_aux=True)
+    torch.testing.assert_close(delta_importance(some), delta_importance(ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta_importance(full, "channel_max"), delta_importance(ref, "channel_max"))
 
 
 def test_other_backends_and_dtypes_take_the_flip_path():

@@ -118,7 +118,9 @@ class BiMamba(nn.Module):
 
         ``aux`` (only with ``want_aux``) holds per direction, in token order: ``delta_f``/``delta_b``
         (B, E, L) the softplus'd timescales, and ``B_f``/``B_b``/``C_f``/``C_b`` (B, L, N). The CPU path
-        adds ``delta_channel_sum`` (B, L), Σ over channels of delta_f + delta_b, summed by the kernels.
+        adds ``delta_channel_sum`` (B, L), Σ over channels of delta_f + delta_b, summed by the kernels,
+        and ``delta_channels`` (E). ``want_aux`` may also be a collection of key names: the CPU path then
+        leaves out ``delta_f``/``delta_b`` unless named (the other paths always give every key).
 
         fp32 on CPU with the fast scan backend takes :meth:`_forward_cpu` (same maths, no flips or copies,
         inference and training); everything else (other devices, backends, dtypes) takes the path below.
@@ -192,8 +194,12 @@ class BiMamba(nn.Module):
         else:
             c_f, c_b = conv_bidir(*convs, out_f=bel(cf2), out_b=bel(cb2))
         aux, ys = {}, []
+        # want_aux may name the keys wanted: Δ itself (two (B, E, L) tensors) is then written only if asked.
+        keys = None if isinstance(want_aux, bool) else set(want_aux)
+        want_delta = bool(want_aux) and (keys is None or bool(keys & {"delta_f", "delta_b"}))
         if want_aux:  # Σ_e (Δ_f + Δ_b) per token, added up by the kernels (MTR's importance, times E)
             aux["delta_channel_sum"] = hidden.new_zeros(Bn, L)
+            aux["delta_channels"] = E
         scale = 0.5 if self.divide_out else 1.0
         for tag, c, x_proj, dt_proj, A_log, D, reverse in (
                 ("f", c_f, self.x_proj, self.dt_proj, self.A_log, self.D, False),
@@ -211,11 +217,13 @@ class BiMamba(nn.Module):
                 delta_used = (scan_delta(delta.detach(), dt_proj.bias.detach(), channel_sum=aux["delta_channel_sum"])
                               if want_aux else None)
             else:
-                delta_used = bel(hidden.new_empty(E, M)) if want_aux else None
+                delta_used = bel(hidden.new_empty(E, M)) if want_delta else None
                 scan(*args, **kw, out=bel(y2), accumulate=reverse, out_scale=scale if reverse else 1.0,
                      delta_out=delta_used, delta_channel_sum=aux.get("delta_channel_sum"))
             if want_aux:
-                aux.update({f"delta_{tag}": delta_used, f"B_{tag}": Bm.transpose(1, 2), f"C_{tag}": Cm.transpose(1, 2)})
+                aux.update({f"B_{tag}": Bm.transpose(1, 2), f"C_{tag}": Cm.transpose(1, 2)})
+                if want_delta:
+                    aux[f"delta_{tag}"] = delta_used
         if grad:
             y = ys[0] + ys[1]
             if self.divide_out:

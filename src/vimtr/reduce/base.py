@@ -114,8 +114,13 @@ class TokenReducer:
         return out
 
     # ------------------------------------------------------------------ the hook
-    def wants_aux(self, block: int) -> bool:
-        return self.needs_aux and block + 1 < self.depth and self.applied[block + 1] > 0
+    aux_keys: frozenset | None = None  # the aux keys the plan reads, if not all (the mixer may skip others)
+
+    def wants_aux(self, block: int):
+        """Falsy, or truthy: True, or ``aux_keys`` when the method names the keys it reads."""
+        if self.needs_aux and block + 1 < self.depth and self.applied[block + 1] > 0:
+            return self.aux_keys or True
+        return False
 
     def __call__(self, block: int, state: TokenState) -> TokenState:
         if block == 0:

@@ -39,7 +39,7 @@ def delta_importance(aux: dict, pool: str = "none") -> torch.Tensor:
     kernels (no (B, E, L) add and mean here: they were a third of MTR's reduction step); the other
     paths only Δ itself."""
     if pool != "channel_max" and "delta_channel_sum" in aux:
-        s = aux["delta_channel_sum"] / aux["delta_f"].shape[1]
+        s = aux["delta_channel_sum"] / aux["delta_channels"]
     else:
         delta = aux["delta_f"] + aux["delta_b"]  # (B, E, L)
         s = delta.amax(dim=1) if pool == "channel_max" else delta.mean(dim=1)
@@ -65,6 +65,10 @@ class MTR(TokenReducer):
         if p["distance"] not in ("cosine", "l1", "l2"):
             raise ValueError(f"mtr: distance must be 'cosine', 'l1' or 'l2', got {p['distance']!r}")
         self.weighted = bool(p["weighted"])
+        # With the channel mean, the CPU mixer's channel sums suffice (the two (B, E, L) Δ are not written);
+        # other mixer paths give every key and delta_importance falls back to Δ itself.
+        self.aux_keys = (None if p["pool"] == "channel_max"
+                         else frozenset({"delta_channel_sum", "delta_channels"}))
 
     def score(self, state) -> torch.Tensor:
         return delta_importance(state.aux, self.params["pool"])
