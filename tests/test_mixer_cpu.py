@@ -9,7 +9,7 @@ pytest.importorskip("numba")
 from vimtr.models.layers import BiMamba
 from vimtr.ops import causal_conv1d_ref, scan_backend, selective_scan_ref
 from vimtr.ops.conv_cpu import causal_conv1d_bidir_cpu, causal_conv1d_bidir_ref
-from vimtr.ops.scan_cpu import scan_delta_cpu, selective_scan_cpu
+from vimtr.ops.scan_cpu import gated_sum_cpu, scan_delta_cpu, selective_scan_cpu
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,6 +169,43 @@ def test_scan_out_accumulate_and_delta_out(n):
         assert torch.equal(scan_delta_cpu(xx["delta"], xx["delta_bias"]), d)
 
 
+@pytest.mark.parametrize("n", [16, 3])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("gate_layout", ["channel_major", "contiguous", "channel_last"])
+def test_scan_out_gate_is_gated_sum_bit_for_bit(n, reverse, gate_layout):
+    x = _scan_inputs(7, n=n)
+    x.pop("z")
+    g = torch.randn(6, 2, 15).transpose(0, 1)
+    g = {"channel_major": g, "contiguous": g.contiguous(),
+         "channel_last": g.transpose(1, 2).contiguous().transpose(1, 2)}[gate_layout]
+    with torch.no_grad():
+        y = selective_scan_cpu(**x, delta_softplus=True, reverse=reverse)
+        first = torch.randn(6, 2, 15).transpose(0, 1)
+        out = first.clone()
+        selective_scan_cpu(**x, delta_softplus=True, reverse=reverse, out=out, accumulate=True, out_scale=0.5,
+                           out_gate=g)
+        assert torch.equal(out, gated_sum_cpu(first, y, g, 0.5))
+        torch.testing.assert_close(out, (first + y) * torch.nn.functional.silu(g) * 0.5, rtol=1e-6, atol=1e-6)
+        plain = torch.empty(2, 6, 15)
+        selective_scan_cpu(**x, delta_softplus=True, reverse=reverse, out=plain, out_gate=g)
+        torch.testing.assert_close(plain, y * torch.nn.functional.silu(g), rtol=1e-6, atol=1e-6)
+
+
+def test_gated_sum_gradients_and_bad_input():
+    g = torch.Generator().manual_seed(8)
+    a, b, z = (torch.randn(2, 3, 5, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, z: gated_sum_cpu(a, b, z, 0.5), (a, b, z))
+    with torch.no_grad():
+        ref = (a + b) * torch.nn.functional.silu(z)
+    torch.testing.assert_close(gated_sum_cpu(a, b, z), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="gated_sum_cpu"):
+        gated_sum_cpu(a.float(), b, z)
+    with pytest.raises(ValueError, match="gated_sum_cpu"):
+        gated_sum_cpu(a, b[:, :, :4], z)
+    e = torch.empty(2, 0, 5)
+    assert gated_sum_cpu(e, e, e).shape == (2, 0, 5)
+
+
 def test_scan_extensions_reject_bad_use():
     x = _scan_inputs(3)
     with pytest.raises(ValueError, match="accumulate=True needs out="):
@@ -184,6 +221,10 @@ def test_scan_extensions_reject_bad_use():
     xg = {k: v.clone().requires_grad_() for k, v in x.items()}
     with pytest.raises(ValueError, match="forward-only"):
         selective_scan_cpu(**xg, out=torch.empty(2, 6, 15))
+    with pytest.raises(ValueError, match="forward-only"):
+        selective_scan_cpu(**xg, out_gate=torch.empty(2, 6, 15))
+    with pytest.raises(ValueError, match="out_gate"):
+        selective_scan_cpu(**x, out_gate=torch.empty(2, 6, 14))
     with pytest.raises(ValueError, match="float32/float64"):
         scan_delta_cpu(x["delta"].half())
 
@@ -197,6 +238,10 @@ def test_scan_extensions_on_empty_shapes():
         selective_scan_cpu(**x, delta_softplus=True, out=out, accumulate=True, out_scale=0.5, delta_out=d)
     y = selective_scan_ref(**x, delta_softplus=True)
     torch.testing.assert_close(out, (1 + y) * 0.5)
+    gate, out2 = torch.randn(2, 6, 15), torch.ones(2, 6, 15)
+    with torch.no_grad():
+        selective_scan_cpu(**x, delta_softplus=True, out=out2, accumulate=True, out_scale=0.5, out_gate=gate)
+    torch.testing.assert_close(out2, (1 + y) * torch.nn.functional.silu(gate) * 0.5)
 
 
 def test_delta_channel_sum_is_the_same_for_any_thread_count():

@@ -158,13 +158,15 @@ class BiMamba(nn.Module):
         for the kernels. Both convolutions are one pass (the backward one anti-causal instead of flipping)
         and the backward scan runs reversed (no flips).
 
-        Without gradients, the big intermediates live in a per-thread workspace, the reverse scan
-        accumulates into the forward one's output with the 1/2 folded in ((y_f + y_b)·½ is exactly
-        (y_f + y_b) / 2), and the scans write out the Δ they used for ``want_aux``. With gradients the
-        same kernels run through autograd and torch adds the two directions: the values are bit for bit
-        those of the inference path (tested), so a model's output does not depend on the grad mode.
+        Both scans run without z; the gate is applied once to their sum, (y_f + y_b)·SiLU(z)·½ (the
+        official (y_f·SiLU(z) + y_b·SiLU(z)) / 2 up to float rounding). Without gradients, the big
+        intermediates live in a per-thread workspace, the reverse scan accumulates into the forward one's
+        output and applies the gate and the ½ on the way (``out_gate=``), and the scans write out the Δ
+        they used for ``want_aux``. With gradients the same kernels run through autograd and
+        ``gated_sum_cpu`` does the sum and the gate with the same compiled arithmetic: the values are bit
+        for bit those of the inference path (tested), so a model's output does not depend on the grad mode.
         """
-        conv_bidir, scan, scan_delta = _cpu_kernels()
+        conv_bidir, scan, scan_delta, gated_sum = _cpu_kernels()
         Bn, L, _ = hidden.shape
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         M = Bn * L
@@ -211,7 +213,9 @@ class BiMamba(nn.Module):
                 delta = bel(torch.mm(dt_proj.weight, x_dbl[:R], out=dl2))
             Bm, Cm = bel(x_dbl[R:R + N]), bel(x_dbl[R + N:])  # (B, N, L)
             args = (c, delta, -torch.exp(A_log), Bm, Cm, D)
-            kw = dict(z=z, delta_bias=dt_proj.bias, delta_softplus=True, reverse=reverse)
+            # No z here: both directions are gated once, after their sum ((y_f + y_b)·SiLU(z)·½ instead of
+            # (y_f·SiLU(z) + y_b·SiLU(z))·½: one SiLU pass and one z read per block less).
+            kw = dict(delta_bias=dt_proj.bias, delta_softplus=True, reverse=reverse)
             if grad:
                 ys.append(scan(*args, **kw))
                 delta_used = (scan_delta(delta.detach(), dt_proj.bias.detach(), channel_sum=aux["delta_channel_sum"])
@@ -219,16 +223,14 @@ class BiMamba(nn.Module):
             else:
                 delta_used = bel(hidden.new_empty(E, M)) if want_delta else None
                 scan(*args, **kw, out=bel(y2), accumulate=reverse, out_scale=scale if reverse else 1.0,
-                     delta_out=delta_used, delta_channel_sum=aux.get("delta_channel_sum"))
+                     out_gate=z if reverse else None, delta_out=delta_used,
+                     delta_channel_sum=aux.get("delta_channel_sum"))
             if want_aux:
                 aux.update({f"B_{tag}": Bm.transpose(1, 2), f"C_{tag}": Cm.transpose(1, 2)})
                 if want_delta:
                     aux[f"delta_{tag}"] = delta_used
-        if grad:
-            y = ys[0] + ys[1]
-            if self.divide_out:
-                y = y * 0.5
-            y2 = y.transpose(0, 1).reshape(E, M)
+        if grad:  # the same arithmetic as the inference path's out_gate, bit for bit
+            y2 = gated_sum(ys[0], ys[1], z, scale).transpose(0, 1).reshape(E, M)
         out = F.linear(y2.t(), self.out_proj.weight, self.out_proj.bias)
         return out.view(Bn, L, -1), (aux if want_aux else None)
 
@@ -256,16 +258,17 @@ _CPU_KERNELS: tuple | None = None
 
 
 def _cpu_kernels():
-    """(causal_conv1d_bidir_cpu, selective_scan_cpu, scan_delta_cpu), or None where numba is missing."""
+    """(causal_conv1d_bidir_cpu, selective_scan_cpu, scan_delta_cpu, gated_sum_cpu), or None where numba is
+    missing."""
     global _CPU_KERNELS
     if _CPU_KERNELS is None:
         try:
             from vimtr.ops.conv_cpu import causal_conv1d_bidir_cpu
-            from vimtr.ops.scan_cpu import scan_delta_cpu, selective_scan_cpu
+            from vimtr.ops.scan_cpu import gated_sum_cpu, scan_delta_cpu, selective_scan_cpu
         except ImportError:
             _CPU_KERNELS = ()
         else:
-            _CPU_KERNELS = (causal_conv1d_bidir_cpu, selective_scan_cpu, scan_delta_cpu)
+            _CPU_KERNELS = (causal_conv1d_bidir_cpu, selective_scan_cpu, scan_delta_cpu, gated_sum_cpu)
     return _CPU_KERNELS or None
 
 
@@ -279,7 +282,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, hidden, residual=None, want_aux: bool = False):
-        if isinstance(self.drop_path, nn.Identity) and self.mixer._use_cpu_path(hidden):
+        # DropPath is the identity in eval mode (and at rate 0): the fused kernel then computes the same add.
+        no_drop = isinstance(self.drop_path, nn.Identity) or not self.drop_path.training
+        if no_drop and self.mixer._use_cpu_path(hidden):
             # The CPU path: the add and the norm in one kernel pass (same formula; see vimtr.ops.norm_cpu).
             residual, normed = _add_rmsnorm_cpu()(hidden, residual, self.norm.weight, self.norm.eps)
         else:
