@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from vimtr.reduce.merge import Plan, apply_plan, bipartite_plan, full_indices, importance_plan, split_cls
+from vimtr.reduce.merge import (Plan, _normalised_sets, apply_plan, bipartite_plan, full_indices, importance_plan,
+                                normalise_rows, split_cls)
 
 
 def _old_apply(x, plan, cls_index, weight=None, normalise=True):
@@ -63,3 +64,19 @@ def test_apply_plan_equals_gather_scatter_form():
     assert torch.equal(apply_plan(sizes, plan, 4, normalise=False), _old_apply(sizes, plan, 4, normalise=False))
     pruned = Plan(keep=keep, cls_pos=0)
     assert torch.equal(apply_plan(x, pruned, 9), _old_apply(x, pruned, 9))
+
+
+@pytest.mark.parametrize("cls_index", [None, 0, 1, 6, 7, 12, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalised_sets_read_from_strided_views_equal_normalised_gathered_copies(cls_index, dtype):
+    g = torch.Generator().manual_seed(4)
+    for L in (13, 14):
+        if cls_index is not None and cls_index >= L:
+            continue
+        x = (torch.randn(3, L, 40, generator=g) * 7).to(dtype)
+        _, free = split_cls(x, cls_index)
+        free = free.float()
+        a, b = _normalised_sets(x, cls_index)
+        assert a.is_contiguous() and b.is_contiguous()
+        assert torch.equal(a, normalise_rows(free[:, 0::2].contiguous()))
+        assert torch.equal(b, normalise_rows(free[:, 1::2].contiguous()))

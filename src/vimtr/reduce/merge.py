@@ -185,6 +185,34 @@ def _class_free_rows(T: int, cls_index: int | None, device) -> torch.Tensor:
     return pos if cls_index is None else pos + (pos >= cls_index)
 
 
+def _normalised_sets(metric: torch.Tensor, cls_index: int | None):
+    """Set A (even class-free positions) and set B (odd ones) of ``metric`` (B, L, C), rows L2-normalised,
+    as two new contiguous fp32 tensors. ``cls_index``: ``metric`` holds a class token there, skipped.
+
+    Each set is at most two strided views of ``metric`` (the rows before and after the class token),
+    divided by their norms straight into the output: no gathered copy, no class-free copy, and the
+    division writes each row once (bit-identical to normalising a gathered copy: the norm reduces the
+    same contiguous row, and the division is elementwise; ``test_reduce_fast`` checks it)."""
+    m = metric.float()  # no copy when already fp32
+    Bn, _, C = m.shape
+    if cls_index is None:
+        views = ((m[:, 0::2],), (m[:, 1::2],))
+    else:  # class-free position p is row p before the class token, row p + 1 after it
+        c, odd = cls_index, cls_index % 2
+        views = ((m[:, 0:c:2], m[:, c + 1 + odd::2]), (m[:, 1:c:2], m[:, c + 2 - odd::2]))
+    sets = []
+    for parts in views:
+        out = m.new_empty(Bn, sum(v.shape[1] for v in parts), C)
+        i = 0
+        for v in parts:
+            n = v.shape[1]
+            if n:
+                torch.div(v, v.norm(dim=-1, keepdim=True), out=out[:, i:i + n])
+            i += n
+        sets.append(out)
+    return sets
+
+
 def bipartite_plan(metric: torch.Tensor, r: int, distance: str = "cosine", kth: int = 1, ordered: bool = True,
                    prune: bool = False, cls_index: int | None = None, length: int | None = None,
                    metric_has_cls: bool = False) -> Plan:
@@ -201,14 +229,7 @@ def bipartite_plan(metric: torch.Tensor, r: int, distance: str = "cosine", kth: 
     unordered variant). The class token is re-inserted by R-MeeTo's proportional rule.
     """
     with torch.no_grad():
-        if metric_has_cls and cls_index is not None:
-            rows = _class_free_rows(metric.shape[1] - 1, cls_index, metric.device)
-            mf, Bn = metric.float(), metric.shape[0]
-            a = normalise_rows(_gather(mf, rows[0::2].expand(Bn, -1)))
-            b = normalise_rows(_gather(mf, rows[1::2].expand(Bn, -1)))
-        else:
-            metric = normalise_rows(metric.float())
-            a, b = metric[:, ::2], metric[:, 1::2]
+        a, b = _normalised_sets(metric, cls_index if metric_has_cls else None)
         scores = similarity(a, b, distance)
         if kth == 1:
             node_max, node_idx = scores.max(dim=-1)
