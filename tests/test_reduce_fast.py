@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vimtr.reduce.merge import (Plan, _normalised_sets, apply_plan, bipartite_plan, full_indices, importance_plan,
+from vimtr.reduce.merge import (Plan, _FlatPlan, _normalised_sets, apply_plan, bipartite_plan, full_indices, importance_plan,
                                 normalise_rows, split_cls)
 
 
@@ -80,3 +80,42 @@ def test_normalised_sets_read_from_strided_views_equal_normalised_gathered_copie
         assert a.is_contiguous() and b.is_contiguous()
         assert torch.equal(a, normalise_rows(free[:, 0::2].contiguous()))
         assert torch.equal(b, normalise_rows(free[:, 1::2].contiguous()))
+
+
+def _torch_ordered_plan(metric, r, cls_index, length):
+    """bipartite_plan's ordered path as written with torch ops (argsort, gather, cat + sort, searchsorted)."""
+    _, free = split_cls(metric, cls_index)
+    m = normalise_rows(free.float())
+    node_max, node_idx = (m[:, ::2] @ m[:, 1::2].transpose(-1, -2)).max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unm_a, src_a = edge_idx[:, r:], edge_idx[:, :r]
+    dst_b = node_idx.gather(1, src_a)
+    n_b = m.shape[1] // 2
+    b_seq = (2 * torch.arange(n_b) + 1).expand(m.shape[0], n_b)
+    keep, _ = torch.cat((2 * unm_a, b_seq), dim=1).sort(dim=1)
+    dst = torch.searchsorted(keep, (2 * dst_b + 1).contiguous())
+    return Plan(keep=keep, src=2 * src_a, dst=dst, cls_pos=(cls_index * (length - r)) // length)
+
+
+@pytest.mark.parametrize("cls_index", [0, 1, 6, 7, 12])
+@pytest.mark.parametrize("L", [13, 14, 197])
+def test_compiled_ordered_plan_equals_torch_ops_with_ties(cls_index, L):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, L, 16, generator=g)
+    x[:, 2] = x[:, 4]  # duplicated tokens: equal best scores (argsort ties) and equal candidate matches
+    x[:, 3] = x[:, 5]
+    x[1] = x[1, :1]  # a whole sequence of one token: every score ties
+    x[2, 6:] = x[2, 5:6]
+    for r in sorted({0, 1, 3, (L - 1) // 2}):
+        ref = _torch_ordered_plan(x, r, cls_index, L)
+        plan = bipartite_plan(x, r, cls_index=cls_index, length=L, metric_has_cls=True)
+        assert plan.flat is not None
+        for f in ("keep", "src", "dst"):
+            assert torch.equal(getattr(plan, f), getattr(ref, f)), (f, r)
+        assert plan.cls_pos == ref.cls_pos
+        fast = _FlatPlan.of(plan, cls_index, 4, L, None)
+        slow = _FlatPlan(full_indices(ref, cls_index), 4, L, None)
+        assert fast.T == slow.T and fast.merges == slow.merges
+        assert torch.equal(fast.keep, slow.keep)
+        if r:
+            assert torch.equal(fast.src, slow.src) and torch.equal(fast.dst, slow.dst)

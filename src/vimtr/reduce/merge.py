@@ -31,6 +31,9 @@ class Plan:
     cls_pos: int | None = None  # class-token index in the output (None: model without class token)
     weight: torch.Tensor | None = None  # (B, L, 1), class slot included: weights for the means, not sizes
     residual: "Plan | None" = None  # the plan for the residual stream, if it differs
+    # (keep, src, dst) already as rows of the flattened streams (what _FlatPlan would compute from
+    # full_indices), when the planner made them on the way; only valid while keep/src/dst are not changed.
+    flat: tuple | None = None
 
 
 def split_cls(x: torch.Tensor, cls_index: int | None):
@@ -98,14 +101,26 @@ class _FlatPlan:
     """A plan's indices as rows of the flattened (B·L, C) streams, computed once for all the streams a
     step reduces, with the merge weights' per-source factor cached per weight tensor."""
 
-    def __init__(self, indices, B: int, L: int, device):
-        keep, src, dst = indices
-        self.B, self.L, self.T = B, L, keep.shape[1]
-        self.keep = _flat(keep, L)
+    def __init__(self, indices, B: int, L: int, device, flat=None):
+        keep, src, dst = indices if flat is None else (None, None, None)
+        self.B, self.L = B, L
         self.merges = src is not None and src.shape[1] > 0
-        if self.merges:
-            self.src, self.dst = _flat(src, L), _flat(dst, self.T)
+        if flat is not None:
+            self.keep, self.src, self.dst = flat
+            self.T = self.keep.shape[0] // B
+            self.merges = self.src.shape[0] > 0
+        else:
+            self.T = keep.shape[1]
+            self.keep = _flat(keep, L)
+            if self.merges:
+                self.src, self.dst = _flat(src, L), _flat(dst, self.T)
         self._factors = {}
+
+    @classmethod
+    def of(cls, plan: Plan, cls_index: int | None, B: int, L: int, device) -> "_FlatPlan":
+        if plan.flat is not None:
+            return cls(None, B, L, device, flat=plan.flat)
+        return cls(full_indices(plan, cls_index), B, L, device)
 
     def factor(self, weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """wᵢ / W for each merged source row (W: the total weight of its destination)."""
@@ -141,12 +156,12 @@ def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> Toke
     ci = state.cls_index
     weight = plan.weight if plan.weight is not None else (state.sizes if weighted else None)
     B, L, _ = state.hidden.shape
-    fp = _FlatPlan(full_indices(plan, ci), B, L, state.hidden.device)
+    fp = _FlatPlan.of(plan, ci, B, L, state.hidden.device)
     hidden = _apply(state.hidden, fp, weight, True)
     if state.residual is None:
         residual = None
     else:
-        rfp = _FlatPlan(full_indices(plan.residual, ci), B, L, state.hidden.device) if plan.residual else fp
+        rfp = _FlatPlan.of(plan.residual, ci, B, L, state.hidden.device) if plan.residual else fp
         residual = _apply(state.residual, rfp, weight, True)
     sizes = _apply(state.sizes, fp, None, False)
     source = None if state.source is None else _apply(state.source, fp, None, False)
@@ -238,6 +253,8 @@ def bipartite_plan(metric: torch.Tensor, r: int, distance: str = "cosine", kth: 
             top_v, top_i = scores.topk(k, dim=-1)
             node_max, node_idx = top_v[..., k - 1], top_i[..., k - 1]
         edge_idx = node_max.argsort(dim=-1, descending=True)
+        if ordered and not prune and cls_index is not None and edge_idx.device.type == "cpu":
+            return _ordered_plan_cpu(edge_idx, node_idx, r, b.shape[1], cls_index, length)
         unm_a, src_a = edge_idx[:, r:], edge_idx[:, :r]  # positions within set A
         dst_b = node_idx.gather(1, src_a)  # positions within set B
         n_a, n_b = a.shape[1], b.shape[1]
@@ -261,6 +278,77 @@ def bipartite_plan(metric: torch.Tensor, r: int, distance: str = "cosine", kth: 
         if prune:
             return Plan(keep=keep, cls_pos=cls_pos)
         return Plan(keep=keep, src=2 * src_a, dst=dst_pos, cls_pos=cls_pos)
+
+
+_ORDERED_KERNEL = None
+
+
+def _ordered_kernel():
+    """The index bookkeeping of an ordered bipartite plan with a class token, compiled (numba, CPU).
+
+    From the torch ``argsort`` of the A tokens' best scores (``edge_idx``, so ties break exactly as
+    there) and their best B match (``node_idx``), one pass per sequence writes the plan's class-free
+    ``keep``/``src``/``dst`` (the same values as the torch path: kept tokens in order, each merged A
+    token's destination is the rank of its B token among the kept ones) and the flattened full-sequence
+    rows ``full_indices`` + ``_FlatPlan`` would derive from them. It replaces ~30 small torch ops (a
+    gather, a cat, a sort, a searchsorted, the class-token insertion, three flattenings), each a few
+    microseconds and, inside the model's forward, 10-20 (cold caches)."""
+    global _ORDERED_KERNEL
+    if _ORDERED_KERNEL is None:
+        import numpy as np
+        from numba import njit
+
+        @njit(cache=True, nogil=True)
+        def kernel(edge_idx, node_idx, r, c, p, keep, src, dst, fkeep, fsrc, fdst):
+            B, n_a = edge_idx.shape
+            n_keep = keep.shape[1]
+            T = n_keep + r  # class-free length
+            L, T_out = T + 1, n_keep + 1  # with the class token: input and output lengths
+            merged = np.zeros(n_a, np.bool_)
+            pos = np.empty(T, np.int64)
+            for b in range(B):
+                merged[:] = False
+                for i in range(r):
+                    merged[edge_idx[b, i]] = True
+                k = 0
+                for q in range(T):  # kept class-free positions, in order; pos: their output rank
+                    if q % 2 == 1 or not merged[q // 2]:
+                        keep[b, k] = q
+                        pos[q] = k
+                        k += 1
+                row_in, row_out = b * L, b * T_out
+                for j in range(T_out):  # the class token goes to output position p
+                    if j == p:
+                        f = c
+                    else:
+                        f = keep[b, j if j < p else j - 1]
+                        f += f >= c
+                    fkeep[row_out + j] = row_in + f
+                for i in range(r):
+                    a = edge_idx[b, i]
+                    s_ = 2 * a
+                    d = pos[2 * node_idx[b, a] + 1]
+                    src[b, i] = s_
+                    dst[b, i] = d
+                    fsrc[b * r + i] = row_in + s_ + (s_ >= c)
+                    fdst[b * r + i] = row_out + d + (d >= p)
+
+        _ORDERED_KERNEL = kernel
+    return _ORDERED_KERNEL
+
+
+def _ordered_plan_cpu(edge_idx: torch.Tensor, node_idx: torch.Tensor, r: int, n_b: int, cls_index: int,
+                      length: int) -> Plan:
+    Bn, n_a = edge_idx.shape
+    T = n_a + n_b
+    n_keep = T - r
+    cls_pos = (cls_index * (length - r)) // length
+    sizes = [Bn * n_keep, Bn * r, Bn * r, Bn * (n_keep + 1), Bn * r, Bn * r]
+    keep, src, dst, fkeep, fsrc, fdst = torch.empty(sum(sizes), dtype=torch.long).split(sizes)  # one allocation
+    keep, src, dst = keep.view(Bn, n_keep), src.view(Bn, r), dst.view(Bn, r)
+    _ordered_kernel()(edge_idx.numpy(), node_idx.numpy(), r, cls_index, cls_pos, keep.numpy(), src.numpy(),
+                      dst.numpy(), fkeep.numpy(), fsrc.numpy(), fdst.numpy())
+    return Plan(keep=keep, src=src, dst=dst, cls_pos=cls_pos, flat=(fkeep, fsrc, fdst))
 
 
 def importance_plan(score: torch.Tensor, n_src: int, n_tgt: int, features: torch.Tensor | None,
