@@ -157,13 +157,17 @@ def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> Toke
     weight = plan.weight if plan.weight is not None else (state.sizes if weighted else None)
     B, L, _ = state.hidden.shape
     fp = _FlatPlan.of(plan, ci, B, L, state.hidden.device)
+    sizes = _apply(state.sizes, fp, None, False)
+    if fp.merges and weight is state.sizes and weight.dtype == state.hidden.dtype:
+        # The new sizes are each destination's total weight, computed by the very ops factor() would
+        # repeat (keep rows + index_add_ of the source rows): reuse them.
+        fp._factors[(id(weight), weight.dtype)] = _rows(weight.reshape(-1, 1), fp.src) / _rows(sizes.reshape(-1, 1), fp.dst)
     hidden = _apply(state.hidden, fp, weight, True)
     if state.residual is None:
         residual = None
     else:
         rfp = _FlatPlan.of(plan.residual, ci, B, L, state.hidden.device) if plan.residual else fp
         residual = _apply(state.residual, rfp, weight, True)
-    sizes = _apply(state.sizes, fp, None, False)
     source = None if state.source is None else _apply(state.source, fp, None, False)
     return TokenState(hidden=hidden, residual=residual, cls_index=plan.cls_pos if ci is not None else None,
                       sizes=sizes, source=source, aux={})
