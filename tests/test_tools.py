@@ -58,6 +58,12 @@ def test_sweep_outputs(tmp_path):
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [(r["method"], r["level"]) for r in rows] == [("baseline", 0.0), ("mtr", 0.2), ("mtr", 0.4),
                                                          ("random", 0.2), ("random", 0.4)]
+    for r in rows:  # random: the mean over seeds 0-4, with its spread; the others: one deterministic run
+        if r["method"] == "random":
+            assert r["seeds"] == [0, 1, 2, 3, 4]
+            assert r["top1_min"] <= r["top1"] <= r["top1_max"] and r["top1_std"] >= 0
+        else:
+            assert "seeds" not in r
     assert (tmp_path / "sweep.csv").read_text().splitlines()[0].startswith("method,level,top1")
     for png in ("acc_vs_flops.png", "acc_vs_throughput.png"):
         assert (tmp_path / png).stat().st_size > 1000

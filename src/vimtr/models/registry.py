@@ -25,7 +25,7 @@ _REGISTRY: dict[str, tuple[type, dict]] = {
     "videomamba_video_small": (VideoMamba, dict(_VMV, embed_dim=384, depth=24)),
     "videomamba_video_middle": (VideoMamba, dict(_VMV, embed_dim=576, depth=32)),
     # Our small Vim for the bundled demo model (vimtr.load_model("vim_digits") has trained weights).
-    "vim_digits": (VisionMamba, dict(_VIM, depth=8, embed_dim=64, img_size=32, patch_size=4, in_chans=1,
+    "vim_digits": (VisionMamba, dict(_VIM, depth=12, embed_dim=48, img_size=32, patch_size=4, in_chans=1,
                                      num_classes=10, drop_path_rate=0.1)),
 }
 

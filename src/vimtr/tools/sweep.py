@@ -7,28 +7,48 @@ import csv
 import io
 from pathlib import Path
 
+import torch
+
 import vimtr
 from vimtr.io import atomic_write, write_json
 
 TRAINING_FREE = ("mtr", "rmeeto", "tome", "evit", "utr", "random")
 COLUMNS = ("method", "level", "top1", "top5", "loss", "gflops", "flops_saved", "images_per_s", "speedup",
-           "final_tokens")
+           "final_tokens", "top1_std", "top1_min", "top1_max")
+RANDOM_SEEDS = 5
 
 
-def measure(model, dataset, method=None, params=None, batch_size=128, device="cpu", base=None) -> dict:
-    """Evaluate ``model`` reduced with ``method`` (None: unreduced) and return one result row."""
+def measure(model, dataset, method=None, params=None, batch_size=128, device="cpu", base=None,
+            random_seeds: int = RANDOM_SEEDS) -> dict:
+    """Evaluate ``model`` reduced with ``method`` (None: unreduced) and return one result row.
+
+    ``random`` without an explicit ``seed`` is evaluated with seeds 0 … ``random_seeds``−1 and reported
+    as the mean (``top1``, ``top5``, ``loss``) with ``top1_std``/``top1_min``/``top1_max``: one subset
+    is drawn per step and shared by the batch, so a single seed is one fixed pruning pattern, and on a
+    small model two seeds can differ by 30 points (see the README). Throughput is the first seed's.
+    """
     from vimtr.engine.evaluate import evaluate
 
-    vimtr.restore(model)
-    if method:
-        vimtr.reduce(model, method, **(params or {}))
-    res = evaluate(model, dataset, batch_size=batch_size, device=device, progress=False)
+    params = dict(params or {})
+    seeds = [None]
+    if method == "random" and "seed" not in params and random_seeds > 1:
+        seeds = list(range(random_seeds))
+    runs = []
+    for seed in seeds:
+        vimtr.restore(model)
+        if method:
+            vimtr.reduce(model, method, **(params if seed is None else {**params, "seed": seed}))
+        runs.append(evaluate(model, dataset, batch_size=batch_size, device=device, progress=False))
+    res = {k: sum(r[k] for r in runs) / len(runs) for k in ("top1", "top5", "loss")}
     gflops = vimtr.flops(model) / 1e9
-    row = {"method": method or "baseline", "level": (params or {}).get("flops_reduction", 0.0),
+    row = {"method": method or "baseline", "level": params.get("flops_reduction", 0.0),
            "top1": res["top1"], "top5": res["top5"], "loss": res["loss"], "gflops": gflops,
-           "images_per_s": res["images_per_s"],
+           "images_per_s": runs[0]["images_per_s"],
            "final_tokens": (model.reducer.lengths[-1] if model.reducer
                             else getattr(model, "num_tokens", model.num_patches + 1))}
+    if len(runs) > 1:
+        top1 = torch.tensor([r["top1"] for r in runs], dtype=torch.float64)
+        row.update(seeds=seeds, top1_std=top1.std().item(), top1_min=top1.min().item(), top1_max=top1.max().item())
     base = base or row
     row["flops_saved"] = 1.0 - gflops / base["gflops"]
     row["speedup"] = row["images_per_s"] / base["images_per_s"]
@@ -37,8 +57,9 @@ def measure(model, dataset, method=None, params=None, batch_size=128, device="cp
 
 
 def sweep(model, dataset, methods=TRAINING_FREE, levels=(0.1, 0.2, 0.3, 0.4, 0.5), batch_size=128,
-          device="cpu", progress=True, params: dict | None = None) -> list[dict]:
-    """Every method at every FLOPs-reduction level; ``params`` (e.g. ``{"interval": 1}``) go to every method."""
+          device="cpu", progress=True, params: dict | None = None, random_seeds: int = RANDOM_SEEDS) -> list[dict]:
+    """Every method at every FLOPs-reduction level; ``params`` (e.g. ``{"interval": 1}``) go to every method.
+    ``random`` is averaged over ``random_seeds`` seeds (see :func:`measure`)."""
     from tqdm import tqdm
 
     base = measure(model, dataset, batch_size=batch_size, device=device)
@@ -46,7 +67,7 @@ def sweep(model, dataset, methods=TRAINING_FREE, levels=(0.1, 0.2, 0.3, 0.4, 0.5
     for method in tqdm(methods, desc="sweep", disable=not progress):
         for level in levels:
             rows.append(measure(model, dataset, method, {**(params or {}), "flops_reduction": level}, batch_size,
-                                device, base))
+                                device, base, random_seeds))
     return rows
 
 
@@ -63,8 +84,13 @@ def plot(rows: list[dict], path_flops, path_throughput=None, title="", extra_poi
     for path, key, label in targets:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "baseline"):
-            pts = sorted((r[key], 100 * r["top1"]) for r in rows if r["method"] == method)
-            ax.plot(*zip(*pts), marker="o", label=method)
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
+            line, = ax.plot([r[key] for r in mine], [100 * r["top1"] for r in mine], marker="o",
+                            label=method + (f" (mean of {len(mine[0]['seeds'])} seeds, band: min–max)"
+                                            if "seeds" in mine[0] else ""))
+            if all("top1_min" in r for r in mine):
+                ax.fill_between([r[key] for r in mine], [100 * r["top1_min"] for r in mine],
+                                [100 * r["top1_max"] for r in mine], color=line.get_color(), alpha=0.15)
         for r, style in extra_points:
             ax.plot(r[key], 100 * r["top1"], style, markersize=10, label=r["method"])
         ax.plot(base[key], 100 * base["top1"], "k*", markersize=14, label="baseline (no reduction)")
@@ -102,6 +128,8 @@ def add_cli(sub):
                    help="FLOPs reductions (default 0.1 … 0.5)")
     p.add_argument("--interval", type=int, default=None,
                    help="reduce every INTERVAL blocks (default: each method's own, 2; use 1 for shallow models)")
+    p.add_argument("--random-seeds", type=int, default=RANDOM_SEEDS,
+                   help=f"seeds averaged for 'random' (default {RANDOM_SEEDS}; 1 = seed 0 only)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="sweep_out", help="output folder (default sweep_out/)")
@@ -118,7 +146,10 @@ def run(args):
     model = load_for_cli(args)
     dataset = load_dataset(args.data, "val", transform=eval_transform(model) if args.data != "digits" else None)
     params = {"interval": args.interval} if args.interval else None
-    rows = sweep(model, dataset, args.method, args.levels, args.batch_size, args.device, params=params)
+    if args.random_seeds < 1:
+        raise ValueError(f"--random-seeds must be >= 1, got {args.random_seeds}")
+    rows = sweep(model, dataset, args.method, args.levels, args.batch_size, args.device, params=params,
+                 random_seeds=args.random_seeds)
     out = Path(args.out)
     write_rows(rows, out)
     name = getattr(model, "model_name", "model")
