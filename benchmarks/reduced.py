@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import vimtr  # noqa: F401  first: it sets GOMP_SPINCOUNT before torch loads libgomp (see vimtr/__init__.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import vimtr  # noqa: F401  first: it sets GOMP_SPINCOUNT before torch loads libgomp (see vimtr/__init__.py)
 import torch
 import torch.nn.functional as F
 

@@ -6,9 +6,18 @@
     logits = model(images); print(model.reduction_trace["tokens"])
     vimtr.restore(model)                                          # back to the original, bit for bit
 """
-from vimtr.flops import flops
-from vimtr.models import create_model, list_models
-from vimtr.reduce import list_methods, reduce, restore
+import os as _os
+
+# PyTorch's OpenMP workers (libgomp) spin for a while after every parallel op, waiting for the next.
+# The CPU scan kernels run on their own threads between torch ops, and on a 2-core machine the
+# spinning worker took a core from them: Vim-Ti b8 forward 593 ms with the default spin, 390 ms with
+# 30,000 (benchmarks/NOTES.md). libgomp reads this when torch is first imported, so it only takes
+# effect if vimtr is imported first; an explicit setting in the environment always wins.
+_os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+from vimtr.flops import flops  # noqa: E402
+from vimtr.models import create_model, list_models  # noqa: E402
+from vimtr.reduce import list_methods, reduce, restore  # noqa: E402
 
 try:  # written alongside; absent only in a partial checkout
     from vimtr.models.checkpoint import load_model
