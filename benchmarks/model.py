@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # noqa: F401  first: it sets GOMP_SPINCOUNT before torch loads libgomp (see vimtr/__init__.py)
+import vimtr  # first: it sets GOMP_SPINCOUNT before torch loads libgomp (see vimtr/__init__.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,7 +77,6 @@ def count_model(model, img):
 
 
 def bench_model(name, batches, args):
-    import vimtr
     from vimtr.ops import scan_backend
 
     model = vimtr.create_model(name).eval()

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # noqa: F401  first: it sets GOMP_SPINCOUNT before torch loads libgomp (see vimtr/__init__.py)
+import vimtr  # first: it sets GOMP_SPINCOUNT before torch loads libgomp (see vimtr/__init__.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,7 +60,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import vimtr
     from vimtr.ops import scan_backend
 
     torch.manual_seed(0)

@@ -80,17 +80,18 @@ class BiMamba(nn.Module):
         self.out_proj = nn.Linear(E, d_model, bias=bias)
         for p in (self.A_log, self.D, self.A_b_log, self.D_b):
             p._no_weight_decay = True
-        self._init_dt(dt_min, dt_max, dt_init_floor)
+        self.init_dt(self.dt_proj, dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
-    def _init_dt(self, dt_min, dt_max, floor):
-        # Official init of the forward dt projection: weights U(±R^-½), bias = softplus⁻¹(dt), dt log-uniform.
+    def init_dt(self, proj: nn.Linear, dt_min=0.001, dt_max=0.1, floor=1e-4):
+        """Mamba's Δ init of a dt projection: weights U(±R^-½), bias = softplus⁻¹(dt), dt log-uniform.
+        The official code applies it to ``dt_proj`` only; ``dt_proj_b`` keeps a plain Linear init."""
         std = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        nn.init.uniform_(proj.weight, -std, std)
         dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.dt_proj.bias._no_reinit = True
+        proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        proj.bias._no_reinit = True  # the model's init zeroes every other Linear bias
 
     def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, want_aux):
         """One scan direction on (B, E, L) inputs already in that direction's order."""

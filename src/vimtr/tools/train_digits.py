@@ -50,16 +50,10 @@ def accuracy(model, x, y, batch_size=256) -> float:
     return correct / len(x)
 
 
-def init_backward_dt(model, dt_min=0.001, dt_max=0.1, floor=1e-4):
+def init_backward_dt(model):
     """Give every ``dt_proj_b`` the forward direction's Mamba Δ init (see the module docstring)."""
     for layer in model.layers:
-        mixer = layer.mixer
-        with torch.no_grad():
-            bound = mixer.dt_rank ** -0.5
-            mixer.dt_proj_b.weight.uniform_(-bound, bound)
-            dt = torch.exp(torch.rand(mixer.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=floor)
-            mixer.dt_proj_b.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        layer.mixer.init_dt(layer.mixer.dt_proj_b)
 
 
 def train(epochs=25, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=2, seed=0, log=print):
