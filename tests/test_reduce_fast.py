@@ -119,3 +119,89 @@ def test_compiled_ordered_plan_equals_torch_ops_with_ties(cls_index, L):
         assert torch.equal(fast.keep, slow.keep)
         if r:
             assert torch.equal(fast.src, slow.src) and torch.equal(fast.dst, slow.dst)
+
+
+# ---------------------------------------------------------------- a merge folded into the next block's add + RMSNorm
+def _pending(plan, cls_index, B, L, weight):
+    from vimtr.reduce.merge import PendingMerge
+    return PendingMerge(_FlatPlan.of(plan, cls_index, B, L, "cpu"), weight)
+
+
+@pytest.mark.parametrize("cls_index", [None, 0, 4])
+@pytest.mark.parametrize("merges", [True, False])
+def test_fused_merge_add_rmsnorm_equals_merging_each_stream_first(cls_index, merges):
+    from vimtr.ops.norm_cpu import add_rmsnorm_cpu, add_rmsnorm_ref
+    g = torch.Generator().manual_seed(11)
+    B, L, D = 2, 10, 24
+    hidden, residual = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g) * 3
+    sizes = torch.randint(1, 5, (B, L, 1), generator=g).float()
+    keep = torch.tensor([[0, 2, 3, 5, 8], [1, 2, 4, 6, 7]])
+    plan = Plan(keep=keep, src=torch.tensor([[1, 4, 6, 7], [0, 3, 5, 8]]) if merges else None,
+                dst=torch.tensor([[0, 2, 2, 4], [1, 1, 1, 1]]) if merges else None,  # 4 sources into one row
+                cls_pos=None if cls_index is None else 2)
+    if cls_index is None:
+        hidden, residual, sizes = hidden[:, :9], residual[:, :9], sizes[:, :9]
+    weight = torch.rand(B, 9 if cls_index is None else L, 1, generator=g) + 0.5
+    for w in (sizes[:, :hidden.shape[1]], weight, None):
+        merge = _pending(plan, cls_index, B, hidden.shape[1], w)
+        w_norm = torch.rand(D, generator=g) + 0.5
+        r_fused, n_fused = add_rmsnorm_cpu(hidden, residual, w_norm, 1e-5, merge=merge)
+        r_ref, n_ref = add_rmsnorm_ref(merge.apply(hidden), merge.apply(residual), w_norm, 1e-5)
+        assert r_fused.shape == r_ref.shape == (B, keep.shape[1] + (cls_index is not None), D)
+        torch.testing.assert_close(r_fused, r_ref, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(n_fused, n_ref, rtol=1e-6, atol=1e-5)
+        if not merges:  # pure gathers: the same additions, the same bits
+            assert torch.equal(r_fused, r_ref)
+
+
+def test_fused_merge_falls_back_to_the_eager_merge_where_gradients_flow():
+    from vimtr.ops.norm_cpu import add_rmsnorm_cpu, add_rmsnorm_ref
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(1, 9, 8, generator=g, requires_grad=True)
+    residual = torch.randn(1, 9, 8, generator=g)
+    plan = Plan(keep=torch.tensor([[0, 2, 3, 5, 7, 8]]), src=torch.tensor([[1, 4, 6]]), dst=torch.tensor([[0, 3, 3]]))
+    merge = _pending(plan, None, 1, 9, None)
+    w = torch.ones(8)
+    r1, n1 = add_rmsnorm_cpu(hidden, residual, w, 1e-5, merge=merge)
+    r2, n2 = add_rmsnorm_cpu(merge.apply(hidden), merge.apply(residual), w, 1e-5)
+    assert torch.equal(r1, r2) and torch.equal(n1, n2)
+    (g1,) = torch.autograd.grad(n1.sum(), hidden)
+    (g2,) = torch.autograd.grad(add_rmsnorm_ref(merge.apply(hidden), merge.apply(residual), w, 1e-5)[1].sum(), hidden)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("method,params", [("rmeeto", {"r": 8}), ("mtr", {"flops_reduction": 0.3}),
+                                           ("tome", {"flops_reduction": 0.3}), ("evit", {"flops_reduction": 0.3}),
+                                           ("utr", {"flops_reduction": 0.3}), ("random", {"flops_reduction": 0.3})])
+def test_models_with_fused_merges_match_the_eager_reduction(method, params, one_thread):
+    import vimtr
+    from vimtr.ops import scan_backend
+    torch.manual_seed(0)
+    model = vimtr.reduce(vimtr.create_model("vim_tiny", depth=6, img_size=96).eval(), method, trace_source=True,
+                         **params)
+    x = torch.randn(2, *model.input_size)
+    with torch.inference_mode(), scan_backend("cpu"):
+        fused = model(x)
+        trace = model.reduction_trace
+        model.fuse_merges = False
+        eager = model(x)
+    assert trace["tokens"] == model.reduction_trace["tokens"]
+    assert trace["cls_index"] == model.reduction_trace["cls_index"]
+    assert torch.equal(trace["sizes"], model.reduction_trace["sizes"])
+    assert torch.equal(trace["source"], model.reduction_trace["source"])
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pending_merge_reports_the_reduced_length_and_materialises():
+    from vimtr.models.token_state import TokenState
+    from vimtr.reduce.merge import apply_to_state
+    g = torch.Generator().manual_seed(13)
+    h, r = torch.randn(2, 9, 4, generator=g), torch.randn(2, 9, 4, generator=g)
+    plan = Plan(keep=torch.tensor([[0, 2, 3, 5, 7], [1, 2, 4, 6, 7]]), src=torch.tensor([[1, 4, 6], [0, 3, 5]]),
+                dst=torch.tensor([[0, 2, 2], [0, 1, 1]]), cls_pos=2)
+    state = lambda fuse: TokenState(hidden=h, residual=r, cls_index=4, sizes=torch.ones(2, 9, 1), fuse_merge=fuse)
+    lazy, eager = apply_to_state(state(True), plan), apply_to_state(state(False), plan)
+    assert lazy.pending is not None and eager.pending is None
+    assert lazy.length == eager.length == 6 and lazy.hidden is h
+    lazy.materialise()
+    assert lazy.pending is None and torch.equal(lazy.hidden, eager.hidden) and torch.equal(lazy.residual, eager.residual)

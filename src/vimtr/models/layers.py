@@ -282,13 +282,17 @@ class Block(nn.Module):
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, hidden, residual=None, want_aux: bool = False):
+    def forward(self, hidden, residual=None, want_aux: bool = False, merge=None):
+        """``merge``: a reduction step's :class:`~vimtr.reduce.merge.PendingMerge` for hidden and residual
+        (both unreduced), applied here: inside the add + RMSNorm kernel on the CPU path, eagerly otherwise."""
         # DropPath is the identity in eval mode (and at rate 0): the fused kernel then computes the same add.
         no_drop = isinstance(self.drop_path, nn.Identity) or not self.drop_path.training
         if no_drop and self.mixer._use_cpu_path(hidden):
             # The CPU path: the add and the norm in one kernel pass (same formula; see vimtr.ops.norm_cpu).
-            residual, normed = _add_rmsnorm_cpu()(hidden, residual, self.norm.weight, self.norm.eps)
+            residual, normed = _add_rmsnorm_cpu()(hidden, residual, self.norm.weight, self.norm.eps, merge=merge)
         else:
+            if merge is not None:
+                hidden, residual = merge.apply(hidden), merge.apply(residual)
             if residual is None:  # first block: the embedding itself starts the residual stream
                 residual = hidden.float()
             else:

@@ -20,10 +20,23 @@ class TokenState:
     sizes: torch.Tensor | None = None  # (B, L, 1): how many input patches each token stands for
     source: torch.Tensor | None = None  # (B, L, P): which input patches each token stands for
     aux: dict = field(default_factory=dict)  # what the previous block's mixer exposed on request
+    # Set by a backbone whose blocks can fold a reduction step's merge into their first op (the residual
+    # add + RMSNorm): a reducer may then return ``hidden``/``residual`` unreduced with the merge in
+    # ``pending`` (a :class:`vimtr.reduce.merge.PendingMerge`), and the next block applies it; sizes,
+    # source and cls_index are reduced already. Saves a read and a write of both streams per step.
+    fuse_merge: bool = False
+    pending: object | None = None
 
     @property
     def length(self) -> int:
-        return self.hidden.shape[1]
+        return self.pending.length if self.pending is not None else self.hidden.shape[1]
+
+    def materialise(self) -> "TokenState":
+        """Apply a pending merge to ``hidden`` and ``residual`` now (for code that reads them directly)."""
+        if self.pending is not None:
+            self.hidden, self.residual = self.pending.apply(self.hidden), self.pending.apply(self.residual)
+            self.pending = None
+        return self
 
 
 class Reducer(Protocol):

@@ -17,6 +17,10 @@ from vimtr.models.token_state import TokenState
 
 
 class VisionMamba(nn.Module):
+    # A reduction step's merge of hidden and residual may run inside the next block's add + RMSNorm
+    # (CPU inference; see TokenState.fuse_merge). False: every merge is applied by the reducer itself.
+    fuse_merges = True
+
     def __init__(self, img_size=224, patch_size=16, stride=None, depth=24, embed_dim=192, d_state=16,
                  in_chans=3, num_classes=1000, drop_rate=0.0, drop_path_rate=0.1, norm_eps=1e-5,
                  cls_position="middle", divide_out=True, fc_drop_rate=0.0):
@@ -104,14 +108,17 @@ class VisionMamba(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward_tokens(self, x: torch.Tensor) -> TokenState:
         """Run the blocks; returns the final state, ``state.hidden`` being the ``norm_f`` output (B, L, C)."""
-        state = TokenState(hidden=self.embed(x), residual=None, cls_index=self.initial_cls_index)
+        # fuse_merge: each Block takes a reducer's pending merge into its add + RMSNorm (TokenState).
+        state = TokenState(hidden=self.embed(x), residual=None, cls_index=self.initial_cls_index,
+                           fuse_merge=self.fuse_merges)
         reducer = self.reducer
         for i, layer in enumerate(self.layers):
             if reducer is not None:
                 state = reducer(i, state)
             want_aux = reducer is not None and reducer.wants_aux(i)
-            state.hidden, state.residual, aux = layer(state.hidden, state.residual, want_aux=want_aux)
-            state.aux = aux or {}
+            state.hidden, state.residual, aux = layer(state.hidden, state.residual, want_aux=want_aux,
+                                                      merge=state.pending)
+            state.aux, state.pending = aux or {}, None
         residual = state.residual + self.drop_path(state.hidden).float()
         state.hidden = self.norm_f(residual, out_dtype=state.hidden.dtype)
         state.residual, state.aux = residual, {}

@@ -8,6 +8,16 @@ batch 8 they were ~4% of a forward with the fast scan. Forward values come from 
 gradient is needed (the backward differentiates the torch formula, recomputed), so a model's output does
 not depend on the grad mode. The mean is summed in a different order than torch's: results agree to
 float32 rounding, not bit for bit.
+
+With a reduction step's pending merge (:class:`vimtr.reduce.merge.PendingMerge`), the kernel builds each
+output row from the input rows the merge maps to it, as it reads them:
+
+    x         = residual + hidden                                  (every input row, read once)
+    residual' = x[keep[t]] + Σ_i f_i · (x[src_i] − x[keep[t]])      (sources merged into output row t)
+    normed    = RMSNorm(residual')
+
+the reducer's weighted mean, applied to the sum of the two streams instead of to each (equal up to
+rounding: the merge is linear and maps both alike). Sources are added in ``index_add_``'s order.
 """
 from __future__ import annotations
 
@@ -45,6 +55,66 @@ def _add_rmsnorm(lo, hi, h, r, has_r, w, eps, r_out, n_out):
         no = n_out[i]
         for j in range(D):
             no[j] = ro[j] * scale * w[j]
+
+
+@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+def _merge_add_rmsnorm(lo, hi, h, r, keep, ptr, srcs, facs, w, eps, r_out, n_out):
+    D = h.shape[1]
+    zero = h.dtype.type(0)
+    one = h.dtype.type(1)
+    inv_d = one / h.dtype.type(D)
+    for t in range(lo, hi):
+        k = keep[t]
+        hk, rk, ro = h[k], r[k], r_out[t]
+        for j in range(D):
+            ro[j] = rk[j] + hk[j]
+        for q in range(ptr[t], ptr[t + 1]):
+            hs, rs, f = h[srcs[q]], r[srcs[q]], facs[q]
+            for j in range(D):
+                ro[j] += ((rs[j] + hs[j]) - (rk[j] + hk[j])) * f
+        ss = zero
+        for j in range(D):
+            ss += ro[j] * ro[j]
+        scale = one / math.sqrt(ss * inv_d + eps)
+        no = n_out[t]
+        for j in range(D):
+            no[j] = ro[j] * scale * w[j]
+
+
+@njit(nogil=True, cache=True)
+def _by_destination(src, dst, fac, n_out, ptr, srcs, facs):
+    """Group the merged source rows by output row (CSR ``ptr``), keeping their order within a row."""
+    ptr[:] = 0
+    for i in range(dst.shape[0]):
+        ptr[dst[i] + 1] += 1
+    for t in range(n_out):
+        ptr[t + 1] += ptr[t]
+    fill = ptr[:-1].copy()
+    for i in range(dst.shape[0]):
+        q = fill[dst[i]]
+        srcs[q], facs[q] = src[i], fac[i]
+        fill[dst[i]] = q + 1
+
+
+def _merge_kernel(hidden, residual, weight, eps, merge):
+    B, _, D = hidden.shape
+    h = hidden.detach().reshape(-1, D).contiguous()
+    r = residual.detach().reshape(-1, D).contiguous()
+    keep, src, dst, fac = merge.rows(hidden)
+    n_out = keep.shape[0]
+    ptr = np.empty(n_out + 1, np.int64)
+    if src is None:
+        ptr[:] = 0
+        srcs, facs = np.empty(0, np.int64), np.empty(0, np.float32)
+    else:
+        srcs, facs = np.empty(src.shape[0], np.int64), np.empty(src.shape[0], np.float32)
+        _by_destination(src.numpy(), dst.numpy(), fac.detach().float().contiguous().numpy(), n_out, ptr, srcs, facs)
+    r_out = torch.empty(n_out, D, dtype=torch.float32)
+    n_o = torch.empty(n_out, D, dtype=torch.float32)
+    args = (h.numpy(), r.numpy(), keep.numpy(), ptr, srcs, facs, weight.detach().contiguous().numpy(),
+            np.float32(eps), r_out.numpy(), n_o.numpy())
+    _run_rows(lambda lo, hi, chunk: _merge_add_rmsnorm(lo, hi, *args), n_out, n_out * D)
+    return r_out.view(B, n_out // B, D), n_o.view(B, n_out // B, D)
 
 
 def add_rmsnorm_ref(hidden, residual, weight, eps):
@@ -87,9 +157,20 @@ class _AddRMSNorm(torch.autograd.Function):
         return tuple(next(got) if t is not None and t.requires_grad else None for t in inputs) + (None,)
 
 
-def add_rmsnorm_cpu(hidden, residual, weight, eps: float):
+def add_rmsnorm_cpu(hidden, residual, weight, eps: float, merge=None):
     """(residual + hidden, RMSNorm of it) for float32 CPU tensors (B, L, D) (``residual`` None: hidden
-    starts the residual stream); other dtypes/devices take :func:`add_rmsnorm_ref`. Gradients flow."""
+    starts the residual stream); other dtypes/devices take :func:`add_rmsnorm_ref`. Gradients flow.
+    ``merge``: a pending reduction step for both streams (see the module docstring); folded into the
+    kernel in inference, applied eagerly first where gradients are needed or the kernel does not apply."""
+    if merge is not None:
+        fusable = (residual is not None and hidden.dtype == torch.float32 and residual.dtype == torch.float32
+                   and hidden.device.type == "cpu" and residual.shape == hidden.shape
+                   and weight.dtype == torch.float32 and tuple(weight.shape) == (hidden.shape[-1],)
+                   and hidden.numel() > 0 and not (torch.is_grad_enabled() and any(
+                       t.requires_grad for t in (hidden, residual, weight))))
+        if fusable:
+            return _merge_kernel(hidden, residual, weight, float(eps), merge)
+        hidden, residual = merge.apply(hidden), merge.apply(residual)
     if (hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hidden.device.type != "cpu"
             or (residual is not None and (residual.dtype != torch.float32 or residual.shape != hidden.shape))
             or tuple(weight.shape) != (hidden.shape[-1],) or hidden.numel() == 0):

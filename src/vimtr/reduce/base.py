@@ -123,6 +123,7 @@ class TokenReducer:
         return False
 
     def __call__(self, block: int, state: TokenState) -> TokenState:
+        state.materialise()  # plans read hidden: a merge still pending (no block ran since) goes in first
         if block == 0:
             B, L = state.hidden.shape[:2]
             state.sizes = torch.ones(B, L, 1, device=state.hidden.device, dtype=torch.float32)

@@ -151,8 +151,37 @@ def _apply(x: torch.Tensor, fp: _FlatPlan, weight, normalise: bool) -> torch.Ten
     return out.index_add_(0, fp.dst, diff).view(B, T, C)
 
 
+class PendingMerge:
+    """A reduction step's map for hidden and residual, left for the next block to apply.
+
+    The block's first op is ``residual + hidden`` then RMSNorm; the merge is linear and maps both streams
+    alike (same rows, same weights), so merging the sum equals summing the merges, up to float rounding.
+    The CPU add + RMSNorm kernel (:func:`vimtr.ops.norm_cpu.add_rmsnorm_cpu`) gathers and merges the rows
+    as it reads them: the streams are read once and only the reduced rows written, instead of a gather
+    pass over each stream and then the add. Any other path calls :meth:`apply` first (the eager ops)."""
+
+    def __init__(self, fp: "_FlatPlan", weight: torch.Tensor | None):
+        self.fp, self.weight = fp, weight
+        self.length = fp.T
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return _apply(x, self.fp, self.weight, True)
+
+    def rows(self, like: torch.Tensor):
+        """(keep (B·T,), src (B·r,), dst (B·r,), factor (B·r,)) as flattened rows, for a kernel; src/dst
+        and factor are None without merges. ``dst`` rows are output rows, in ``index_add_``'s order."""
+        fp = self.fp
+        if not fp.merges:
+            return fp.keep, None, None, None
+        return fp.keep, fp.src, fp.dst, fp.factor(self.weight, like).reshape(-1)
+
+
 def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> TokenState:
-    """Reduce every stream of ``state`` with the same plan (hidden and residual: weighted means)."""
+    """Reduce every stream of ``state`` with the same plan (hidden and residual: weighted means).
+
+    With ``state.fuse_merge`` and one plan for both streams, hidden and residual are left as they are and
+    the merge goes into ``pending`` for the next block (:class:`PendingMerge`)."""
+    state.materialise()
     ci = state.cls_index
     weight = plan.weight if plan.weight is not None else (state.sizes if weighted else None)
     B, L, _ = state.hidden.shape
@@ -162,15 +191,19 @@ def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> Toke
         # The new sizes are each destination's total weight, computed by the very ops factor() would
         # repeat (keep rows + index_add_ of the source rows): reuse them.
         fp._factors[(id(weight), weight.dtype)] = _rows(weight.reshape(-1, 1), fp.src) / _rows(sizes.reshape(-1, 1), fp.dst)
-    hidden = _apply(state.hidden, fp, weight, True)
-    if state.residual is None:
-        residual = None
+    pending = None
+    if state.fuse_merge and state.residual is not None and plan.residual is None:
+        hidden, residual, pending = state.hidden, state.residual, PendingMerge(fp, weight)
     else:
-        rfp = _FlatPlan.of(plan.residual, ci, B, L, state.hidden.device) if plan.residual else fp
-        residual = _apply(state.residual, rfp, weight, True)
+        hidden = _apply(state.hidden, fp, weight, True)
+        if state.residual is None:
+            residual = None
+        else:
+            rfp = _FlatPlan.of(plan.residual, ci, B, L, state.hidden.device) if plan.residual else fp
+            residual = _apply(state.residual, rfp, weight, True)
     source = None if state.source is None else _apply(state.source, fp, None, False)
     return TokenState(hidden=hidden, residual=residual, cls_index=plan.cls_pos if ci is not None else None,
-                      sizes=sizes, source=source, aux={})
+                      sizes=sizes, source=source, aux={}, fuse_merge=state.fuse_merge, pending=pending)
 
 
 def proportional_cls_pos(cls_index: int | None, length: int, r: int) -> int | None:
