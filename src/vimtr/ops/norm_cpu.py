@@ -32,12 +32,22 @@ from vimtr.ops.scan_cpu import _FM_KERNEL, _run_rows
 __all__ = ["add_rmsnorm_cpu", "add_rmsnorm_ref"]
 
 
+@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True, inline="always")
+def _rmsnorm_row(ro, w, eps, no):
+    """no = ro · (mean(ro²) + eps)^-½ · w for one row."""
+    one = ro.dtype.type(1)
+    inv_d = one / ro.dtype.type(ro.shape[0])
+    ss = ro.dtype.type(0)
+    for j in range(ro.shape[0]):
+        ss += ro[j] * ro[j]
+    scale = one / math.sqrt(ss * inv_d + eps)
+    for j in range(ro.shape[0]):
+        no[j] = ro[j] * scale * w[j]
+
+
 @njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
 def _add_rmsnorm(lo, hi, h, r, has_r, w, eps, r_out, n_out):
     D = h.shape[1]
-    zero = h.dtype.type(0)
-    one = h.dtype.type(1)
-    inv_d = one / h.dtype.type(D)
     for i in range(lo, hi):
         hi_ = h[i]
         ro = r_out[i]
@@ -48,21 +58,12 @@ def _add_rmsnorm(lo, hi, h, r, has_r, w, eps, r_out, n_out):
         else:
             for j in range(D):
                 ro[j] = hi_[j]
-        ss = zero
-        for j in range(D):
-            ss += ro[j] * ro[j]
-        scale = one / math.sqrt(ss * inv_d + eps)
-        no = n_out[i]
-        for j in range(D):
-            no[j] = ro[j] * scale * w[j]
+        _rmsnorm_row(ro, w, eps, n_out[i])
 
 
 @njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
 def _merge_add_rmsnorm(lo, hi, h, r, keep, ptr, srcs, facs, w, eps, r_out, n_out):
     D = h.shape[1]
-    zero = h.dtype.type(0)
-    one = h.dtype.type(1)
-    inv_d = one / h.dtype.type(D)
     for t in range(lo, hi):
         k = keep[t]
         hk, rk, ro = h[k], r[k], r_out[t]
@@ -72,13 +73,7 @@ def _merge_add_rmsnorm(lo, hi, h, r, keep, ptr, srcs, facs, w, eps, r_out, n_out
             hs, rs, f = h[srcs[q]], r[srcs[q]], facs[q]
             for j in range(D):
                 ro[j] += ((rs[j] + hs[j]) - (rk[j] + hk[j])) * f
-        ss = zero
-        for j in range(D):
-            ss += ro[j] * ro[j]
-        scale = one / math.sqrt(ss * inv_d + eps)
-        no = n_out[t]
-        for j in range(D):
-            no[j] = ro[j] * scale * w[j]
+        _rmsnorm_row(ro, w, eps, n_out[t])
 
 
 @njit(nogil=True, cache=True)
