@@ -86,3 +86,34 @@ def test_bad_input_is_one_clear_line(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--model", "vim_digits", "--method", "nosuch"])
     assert "valid methods" in capsys.readouterr().err
+
+
+def test_demo_times_each_table_row_with_its_own_reduction(monkeypatch):
+    """The table's speed-ups come from one alternating timing of every row's model; each must be timed
+    reduced as its row says (the re-trained student included, which measure() leaves unreduced)."""
+    import copy
+
+    from vimtr.tools import benchmark, demo
+
+    seen = {}
+
+    def fake(models, batch_size, rounds):
+        seen.update(models)
+        return {k: 1.0 + i for i, k in enumerate(models)}
+
+    monkeypatch.setattr(benchmark, "time_alternating", fake)
+    model = vimtr.load_model("vim_digits")
+    student = vimtr.restore(copy.deepcopy(model))
+    rows = [{"method": m} for m in ("baseline", *demo.METHODS, "rmeeto_retrained")]
+    demo.time_table_rows(rows, model, student, 0.3)
+    assert set(seen) == {r["method"] for r in rows}
+    assert seen["baseline"].reducer is None
+    full = vimtr.flops(seen["baseline"])
+    for method, m in seen.items():
+        if method != "baseline":
+            assert m.reducer is not None and abs(1 - vimtr.flops(m) / full - 0.3) <= 0.01, method
+    assert model.reducer is None and student.reducer is None  # the caller's models are not changed
+    times = fake(seen, 0, 0)
+    for r in rows:
+        assert r["speedup"] == times["baseline"] / times[r["method"]]
+        assert r["images_per_s"] == 128 / times[r["method"]]

@@ -42,7 +42,8 @@ def time_forward(model, batch_size: int, dtype: str = "fp32", device="cpu", warm
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if batch_size < 1 or runs < 1 or warmup < 0:
         raise ValueError("batch_size and runs must be >= 1 and warmup >= 0")
-    x = torch.randn(batch_size, *model.input_size, device=device)
+    # A generator of its own: timing must not move the global RNG (the demo re-trains after timing).
+    x = torch.randn(batch_size, *model.input_size, generator=torch.Generator().manual_seed(0)).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -61,6 +62,26 @@ def time_forward(model, batch_size: int, dtype: str = "fp32", device="cpu", warm
     return {"batch_size": batch_size, "dtype": dtype, "median_s": med, "min_s": min(times), "max_s": max(times),
             "iqr_s": q[2] - q[0], "images_per_s": batch_size / med, "peak_memory_mb": peak / 2 ** 20,
             "runs": runs, "warmup": warmup}
+
+
+@torch.no_grad()
+def time_alternating(models: dict, batch_size: int, rounds: int = 5, warmup: int = 1, device="cpu") -> dict:
+    """{label: fastest forward (s)} of each model on one batch, the models taking turns in every round:
+    on a shared machine whose speed drifts they are slowed alike, and the minimum is the least disturbed
+    sample. For comparing configurations side by side (the demo's speed-up column)."""
+    device = torch.device(device)
+    first = next(iter(models.values()))
+    x = torch.randn(batch_size, *first.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    best = {label: float("inf") for label in models}
+    for i in range(warmup + rounds):
+        for label, m in models.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            m(x)
+            _sync(device)
+            if i >= warmup:
+                best[label] = min(best[label], time.perf_counter() - t0)
+    return best
 
 
 def benchmark(model, configs: dict, batch_sizes=(1, 8, 32), dtypes=("fp32",), device="cpu", warmup=3, runs=10,

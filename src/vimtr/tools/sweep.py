@@ -25,9 +25,13 @@ def measure(model, dataset, method=None, params=None, batch_size=128, device="cp
     ``random`` without an explicit ``seed`` is evaluated with seeds 0 … ``random_seeds``−1 and reported
     as the mean (``top1``, ``top5``, ``loss``) with ``top1_std``/``top1_min``/``top1_max``: one subset
     is drawn per step and shared by the batch, so a single seed is one fixed pruning pattern, and on a
-    small model two seeds can differ by 30 points (see the README). Throughput is the first seed's.
+    small model two seeds can differ by 30 points (see the README).
+
+    ``images_per_s`` is the accuracy pass's (the first seed's for ``random``), after one warm-up forward
+    of a batch so that it does not pay for loading kernels; it is one sample, as noisy as the machine.
     """
     from vimtr.engine.evaluate import evaluate
+    from vimtr.tools.benchmark import time_forward
 
     params = dict(params or {})
     seeds = [None]
@@ -38,6 +42,8 @@ def measure(model, dataset, method=None, params=None, batch_size=128, device="cp
         vimtr.restore(model)
         if method:
             vimtr.reduce(model, method, **(params if seed is None else {**params, "seed": seed}))
+        if not runs:
+            time_forward(model, min(batch_size, len(dataset)), device=device, warmup=0, runs=1)  # warm-up
         runs.append(evaluate(model, dataset, batch_size=batch_size, device=device, progress=False))
     res = {k: sum(r[k] for r in runs) / len(runs) for k in ("top1", "top5", "loss")}
     gflops = vimtr.flops(model) / 1e9
