@@ -88,7 +88,7 @@ def plot(rows: list[dict], path_flops, path_throughput=None, title="", extra_poi
         targets.append((path_throughput, "images_per_s", "throughput (images/s)"))
     base = next(r for r in rows if r["method"] == "baseline")
     for path, key, label in targets:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        fig, ax = plt.subplots(figsize=(8.6, 4.4))
         for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "baseline"):
             mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
             line, = ax.plot([r[key] for r in mine], [100 * r["top1"] for r in mine], marker="o",
@@ -104,7 +104,7 @@ def plot(rows: list[dict], path_flops, path_throughput=None, title="", extra_poi
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(title or f"accuracy vs {label}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: it hid points
         fig.tight_layout()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
