@@ -1,0 +1,105 @@
+"""Which short re-training brings the demo's reduced model back? One R-MeeTo recipe per run, on the bundled model.
+
+    PYTHONPATH=src python benchmarks/retrain_recipes.py [--epochs 3] [--lr 2e-3] [--temperature 4 --ce-weight 0
+        --distill-weight 1] [--freeze 'in_proj|out_proj'] [--augment] [--seed 1] [--out FILE.jsonl]
+
+The demo's ``rmeeto_retrained`` row (``vimtr.tools.demo.retrain_rmeeto``: rmeeto at 30% fewer FLOPs,
+blocks 2, 4, …, 10; 3 epochs, batch 16, lr 2e-3, 10 warm-up steps, CE with label smoothing 0.1 +
+0.5·KL to the unreduced model) with one or more of its settings changed. Appends one JSON line per run
+(the settings, top-1 and the number of correct test images out of 360, the unreduced model's 356, and
+the training seconds) to ``--out`` (default benchmarks/results/retrain_recipes.jsonl). Accuracy, not
+speed, is the result: runs may share the machine (``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1`` and two at a
+time on two cores is how NOTES' table was made; the thread count changes the rounding and so the run).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import vimtr  # first: it sets GOMP_SPINCOUNT before torch loads libgomp
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Augmented(torch.utils.data.Dataset):
+    """The bundled model's own training augmentation (small random affine maps) on each image."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        from vimtr.tools.train_digits import augment
+        x, y = self.dataset[i]
+        return augment(x[None])[0], y
+
+
+def main(argv=None):
+    from vimtr.data import digits
+    from vimtr.engine.evaluate import evaluate
+    from vimtr.engine.train import retrain
+    from vimtr.tools.demo import RETRAIN, SCHEDULE
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--epochs", type=int, default=RETRAIN["epochs"])
+    p.add_argument("--lr", type=float, default=RETRAIN["lr"])
+    p.add_argument("--batch-size", type=int, default=RETRAIN["batch_size"])
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--distill-weight", type=float, default=0.5)
+    p.add_argument("--ce-weight", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--drop-path", type=float, default=None, help="the student's top drop-path rate (model: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--augment", action="store_true", help="the bundled model's random affine augmentation")
+    p.add_argument("--freeze", default="", help="regex: parameters whose names match are not trained")
+    p.add_argument("--flops-reduction", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "retrain_recipes.jsonl")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    teacher = vimtr.load_model("vim_digits").eval()
+    test, train = digits.digits_dataset("test"), digits.digits_dataset("train")
+    if args.augment:
+        train = Augmented(train)
+    student = vimtr.reduce(copy.deepcopy(teacher), "rmeeto", flops_reduction=args.flops_reduction, **SCHEDULE)
+    if args.drop_path is not None:
+        from timm.layers import DropPath
+        top = teacher.config["drop_path_rate"]  # the blocks' rates rise linearly to it: scale them all
+        for m in student.modules():
+            if isinstance(m, DropPath):
+                m.drop_prob = args.drop_path * m.drop_prob / top
+    if args.freeze:
+        for name, param in student.named_parameters():
+            if re.search(args.freeze, name):
+                param.requires_grad_(False)
+    t0 = time.perf_counter()
+    retrain(student, train, teacher=teacher, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            warmup_steps=args.warmup_steps, distill_weight=args.distill_weight, ce_weight=args.ce_weight,
+            distill_temperature=args.temperature, label_smoothing=args.label_smoothing,
+            weight_decay=args.weight_decay, augment=False, seed=args.seed, progress=False, log=lambda *a: None)
+    seconds = time.perf_counter() - t0
+    top1 = evaluate(student.eval(), test, batch_size=128, progress=False)["top1"]
+    base = evaluate(vimtr.restore(copy.deepcopy(teacher)), test, batch_size=128, progress=False)["top1"]
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+    rec = {"settings": settings, "top1": top1, "correct": round(top1 * len(test)),
+           "baseline_correct": round(base * len(test)), "delta_points": 100 * (top1 - base),
+           "train_seconds": seconds, "threads": torch.get_num_threads()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:  # one line per run: runs in parallel append whole lines
+        f.write(json.dumps(rec) + "\n")
+    print(f"{rec['correct']}/{len(test)} correct ({100 * top1:.2f}%, {rec['delta_points']:+.2f} points vs the "
+          f"unreduced {rec['baseline_correct']}), {seconds:.0f} s of training")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
