@@ -6,8 +6,8 @@
 The demo's ``rmeeto_retrained`` row (``vimtr.tools.demo.retrain_rmeeto``: rmeeto at 30% fewer FLOPs,
 blocks 2, 4, …, 10; 3 epochs, batch 16, lr 2e-3, 10 warm-up steps, CE with label smoothing 0.1 +
 0.5·KL to the unreduced model) with one or more of its settings changed. Appends one JSON line per run
-(the settings, top-1 and the number of correct test images out of 360, the unreduced model's 356, and
-the training seconds) to ``--out`` (default benchmarks/results/retrain_recipes.jsonl). Accuracy, not
+(the settings, top-1 and the number of correct test images out of 360, the unreduced model's 356, both
+models' top-1 on the train split, and the training seconds) to ``--out`` (default benchmarks/results/retrain_recipes.jsonl). Accuracy, not
 speed, is the result: runs may share the machine (``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1`` and two at a
 time on two cores is how NOTES' table was made; the thread count changes the rounding and so the run).
 """
@@ -90,15 +90,20 @@ def main(argv=None):
     seconds = time.perf_counter() - t0
     top1 = evaluate(student.eval(), test, batch_size=128, progress=False)["top1"]
     base = evaluate(vimtr.restore(copy.deepcopy(teacher)), test, batch_size=128, progress=False)["top1"]
+    train_split = digits.digits_dataset("train")  # how well each fits the data it learnt from
+    train_top1 = evaluate(student, train_split, batch_size=128, progress=False)["top1"]
+    base_train_top1 = evaluate(teacher, train_split, batch_size=128, progress=False)["top1"]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
     rec = {"settings": settings, "top1": top1, "correct": round(top1 * len(test)),
            "baseline_correct": round(base * len(test)), "delta_points": 100 * (top1 - base),
+           "train_top1": train_top1, "baseline_train_top1": base_train_top1,
            "train_seconds": seconds, "threads": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:  # one line per run: runs in parallel append whole lines
         f.write(json.dumps(rec) + "\n")
     print(f"{rec['correct']}/{len(test)} correct ({100 * top1:.2f}%, {rec['delta_points']:+.2f} points vs the "
-          f"unreduced {rec['baseline_correct']}), {seconds:.0f} s of training")
+          f"unreduced {rec['baseline_correct']}); train split {100 * train_top1:.1f}% (unreduced "
+          f"{100 * base_train_top1:.1f}%); {seconds:.0f} s of training")
 
 
 if __name__ == "__main__":
