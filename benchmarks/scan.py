@@ -14,7 +14,6 @@ benchmarks/model.py uses. Writes JSON (default benchmarks/results/scan.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -89,7 +88,8 @@ def write(result: dict, out: str | None, name: str) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    from vimtr.io import write_json  # temp file + rename: an interrupted run leaves no half-written JSON
+    write_json(path, result)
     return path
 
 
