@@ -9,6 +9,8 @@ a table and writes to ``--out``: ``results.json``, ``acc_vs_flops.png`` (several
 Every method uses the papers' schedule: it reduces before every other block (blocks 2, 4, …, 10 of the
 bundled model's 12), with the number of tokens per step derived from the FLOPs target, so all methods
 compare at equal FLOPs. ``random`` is the mean over 5 seeds (its spread is printed under the table).
+The table's im/s and speed-ups come from one timing of all its rows' models taking turns (fastest of 10
+rounds of one batch); the plots' throughput is each sweep point's own accuracy pass.
 """
 from __future__ import annotations
 
