@@ -63,11 +63,13 @@ def main(argv=None):
     p.add_argument("--freeze", default="", help="regex: parameters whose names match are not trained")
     p.add_argument("--flops-reduction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default="vim_digits",
+                   help="the unreduced model: the bundled one (default) or a file train_digits wrote")
     p.add_argument("--out", type=Path, default=RESULTS / "retrain_recipes.jsonl")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    teacher = vimtr.load_model("vim_digits").eval()
+    teacher = vimtr.load_model(args.checkpoint, name="vim_digits").eval()
     test, train = digits.digits_dataset("test"), digits.digits_dataset("train")
     if args.augment:
         train = Augmented(train)

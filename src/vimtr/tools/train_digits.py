@@ -31,13 +31,19 @@ from vimtr.io import atomic_write, write_json
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets"
 
 
-def augment(x: torch.Tensor) -> torch.Tensor:
-    """Per image: rotation ±10°, shift ±2 px, scale 0.9-1.1 (torchvision's RandomAffine on tensors,
-    drawing from torch's global generator, which ``train`` seeds), background-filled."""
+# RandomAffine (degrees, shift in px, scale range): the bundled model's, and a stronger one to explore with.
+AUGMENT = {"default": (10, 2, (0.9, 1.1)), "strong": (15, 4, (0.75, 1.15))}
+
+
+def augment(x: torch.Tensor, strength: str = "default") -> torch.Tensor:
+    """Per image: rotation ±10°, shift ±2 px, scale 0.9-1.1 (``strong``: ±15°, ±4 px, 0.75-1.15;
+    torchvision's RandomAffine on tensors, drawing from torch's global generator, which ``train`` seeds),
+    background-filled."""
     from torchvision.transforms import v2
 
+    degrees, shift, scale = AUGMENT[strength]
     bg = -digits.MEAN / digits.STD
-    t = v2.RandomAffine(degrees=10, translate=(2 / digits.IMG_SIZE, 2 / digits.IMG_SIZE), scale=(0.9, 1.1),
+    t = v2.RandomAffine(degrees=degrees, translate=(shift / digits.IMG_SIZE, shift / digits.IMG_SIZE), scale=scale,
                         interpolation=v2.InterpolationMode.BILINEAR, fill=bg)
     return torch.stack([t(img) for img in x])
 
@@ -50,19 +56,24 @@ def accuracy(model, x, y, batch_size=256) -> float:
     return correct / len(x)
 
 
-def init_backward_dt(model):
-    """Give every ``dt_proj_b`` the forward direction's Mamba Δ init (see the module docstring)."""
+def init_backward_dt(model, dt_range: tuple[float, float] | None = None):
+    """Give every ``dt_proj_b`` the forward direction's Mamba Δ init (see the module docstring).
+    ``dt_range`` (dt_min, dt_max): re-initialise both directions with that range instead of Mamba's
+    0.001-0.1 (larger Δ: each scan state forgets faster)."""
     for layer in model.layers:
-        layer.mixer.init_dt(layer.mixer.dt_proj_b)
+        if dt_range is not None:
+            layer.mixer.init_dt(layer.mixer.dt_proj, *dt_range)
+        layer.mixer.init_dt(layer.mixer.dt_proj_b, *(dt_range or ()))
 
 
-def train(epochs=25, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=2, seed=0, log=print):
+def train(epochs=25, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=2, seed=0, log=print,
+          dt_range: tuple[float, float] | None = None, augment_strength: str = "default"):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     xtr, ytr = digits.digits_tensors("train")
     xte, yte = digits.digits_tensors("test")
     model = vimtr.create_model("vim_digits")
-    init_backward_dt(model)
+    init_backward_dt(model, dt_range)
     no_wd = model.no_weight_decay()
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in no_wd]
     rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and n not in no_wd)]
@@ -78,7 +89,7 @@ def train(epochs=25, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=2,
         perm = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr), batch_size):
             idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(model(augment(xtr[idx])), ytr[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(augment(xtr[idx], augment_strength)), ytr[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -97,8 +108,11 @@ def train(epochs=25, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=2,
                              f"random_state={digits.SPLIT_SEED}", "train_images": len(xtr), "test_images": len(xte),
                     "normalisation": {"mean": digits.MEAN, "std": digits.STD}},
         "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                     "warmup_epochs": warmup_epochs, "label_smoothing": 0.1, "augmentation": "RandomAffine: rotation ±10°, shift ±2 px, scale 0.9-1.1",
-                     "init": "official, plus Mamba's Δ init for dt_proj_b (see train_digits)",
+                     "warmup_epochs": warmup_epochs, "label_smoothing": 0.1,
+                     "augmentation": "RandomAffine: rotation ±{}°, shift ±{} px, scale {}-{}".format(
+                         *AUGMENT[augment_strength][:2], *AUGMENT[augment_strength][2]),
+                     "init": "official, plus Mamba's Δ init for dt_proj_b (see train_digits)" + (
+                         f"; Δ init range {dt_range[0]}-{dt_range[1]} in both directions" if dt_range else ""),
                      "seed": seed, "minutes": round((time.time() - start) / 60, 2), "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "machine": platform.machine()},
         "test_top1": accuracy(model, xte, yte),
@@ -112,8 +126,13 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for vim_digits.safetensors/.json")
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dt-init", type=float, nargs=2, metavar=("MIN", "MAX"),
+                    help="Mamba's Δ init range for both directions (default: 0.001-0.1, as Mamba)")
+    ap.add_argument("--augment", choices=sorted(AUGMENT), default="default",
+                    help="random affine strength (default: the bundled model's)")
     args = ap.parse_args(argv)
-    model, card = train(epochs=args.epochs, seed=args.seed)
+    model, card = train(epochs=args.epochs, seed=args.seed, dt_range=tuple(args.dt_init) if args.dt_init else None,
+                        augment_strength=args.augment)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(args.out / "vim_digits.safetensors", lambda f: f.write(_safetensors_bytes(state)))
     write_json(args.out / "vim_digits.json", card)
