@@ -117,3 +117,21 @@ def test_demo_times_each_table_row_with_its_own_reduction(monkeypatch):
     for r in rows:
         assert r["speedup"] == times["baseline"] / times[r["method"]]
         assert r["images_per_s"] == 128 / times[r["method"]]
+
+
+@pytest.mark.parametrize("dt_range", [None, (0.01, 0.5)])
+def test_train_digits_delta_init_range(dt_range):
+    import torch.nn.functional as F
+
+    from vimtr.tools.train_digits import augment, init_backward_dt
+    torch.manual_seed(0)
+    model = vimtr.create_model("vim_digits")
+    init_backward_dt(model, dt_range)
+    lo, hi = dt_range or (0.001, 0.1)
+    for layer in model.layers:
+        for proj in (layer.mixer.dt_proj, layer.mixer.dt_proj_b):
+            dt = F.softplus(proj.bias.detach())
+            assert dt.min() >= lo * (1 - 1e-4) and dt.max() <= hi * (1 + 1e-4)
+    x, _ = digits_tensors("test")
+    for strength in ("default", "strong"):
+        assert augment(x[:3], strength).shape == x[:3].shape
