@@ -33,6 +33,11 @@ def _autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _random_batch(model, batch_size: int, device) -> torch.Tensor:
+    # A generator of its own: timing must not move the global RNG (the demo re-trains after timing).
+    return torch.randn(batch_size, *model.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
 @torch.no_grad()
 def time_forward(model, batch_size: int, dtype: str = "fp32", device="cpu", warmup: int = 3,
                  runs: int = 10) -> dict:
@@ -42,8 +47,7 @@ def time_forward(model, batch_size: int, dtype: str = "fp32", device="cpu", warm
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if batch_size < 1 or runs < 1 or warmup < 0:
         raise ValueError("batch_size and runs must be >= 1 and warmup >= 0")
-    # A generator of its own: timing must not move the global RNG (the demo re-trains after timing).
-    x = torch.randn(batch_size, *model.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    x = _random_batch(model, batch_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -70,8 +74,7 @@ def time_alternating(models: dict, batch_size: int, rounds: int = 5, warmup: int
     on a shared machine whose speed drifts they are slowed alike, and the minimum is the least disturbed
     sample. For comparing configurations side by side (the demo's speed-up column)."""
     device = torch.device(device)
-    first = next(iter(models.values()))
-    x = torch.randn(batch_size, *first.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    x = _random_batch(next(iter(models.values())), batch_size, device)
     best = {label: float("inf") for label in models}
     for i in range(warmup + rounds):
         for label, m in models.items():
