@@ -78,8 +78,8 @@ def _merge_add_rmsnorm(lo, hi, h, r, keep, ptr, srcs, facs, w, eps, r_out, n_out
 
 @njit(nogil=True, cache=True)
 def _by_destination(src, dst, fac, n_out, ptr, srcs, facs):
-    """Group the merged source rows by output row (CSR ``ptr``), keeping their order within a row."""
-    ptr[:] = 0
+    """Group the merged source rows by output row (CSR ``ptr``, zeroed by the caller), keeping their order
+    within a row."""
     for i in range(dst.shape[0]):
         ptr[dst[i] + 1] += 1
     for t in range(n_out):
@@ -97,9 +97,8 @@ def _merge_kernel(hidden, residual, weight, eps, merge):
     r = residual.detach().reshape(-1, D).contiguous()
     keep, src, dst, fac = merge.rows(hidden)
     n_out = keep.shape[0]
-    ptr = np.empty(n_out + 1, np.int64)
+    ptr = np.zeros(n_out + 1, np.int64)
     if src is None:
-        ptr[:] = 0
         srcs, facs = np.empty(0, np.int64), np.empty(0, np.float32)
     else:
         srcs, facs = np.empty(src.shape[0], np.int64), np.empty(src.shape[0], np.float32)
@@ -152,25 +151,28 @@ class _AddRMSNorm(torch.autograd.Function):
         return tuple(next(got) if t is not None and t.requires_grad else None for t in inputs) + (None,)
 
 
+def _kernel_fits(hidden, residual, weight) -> bool:
+    """float32 CPU tensors of matching shapes, not empty: what the compiled kernels take."""
+    return (hidden.dtype == torch.float32 and weight.dtype == torch.float32 and hidden.device.type == "cpu"
+            and (residual is None or (residual.dtype == torch.float32 and residual.shape == hidden.shape))
+            and tuple(weight.shape) == (hidden.shape[-1],) and hidden.numel() > 0)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def add_rmsnorm_cpu(hidden, residual, weight, eps: float, merge=None):
     """(residual + hidden, RMSNorm of it) for float32 CPU tensors (B, L, D) (``residual`` None: hidden
     starts the residual stream); other dtypes/devices take :func:`add_rmsnorm_ref`. Gradients flow.
     ``merge``: a pending reduction step for both streams (see the module docstring); folded into the
     kernel in inference, applied eagerly first where gradients are needed or the kernel does not apply."""
     if merge is not None:
-        fusable = (residual is not None and hidden.dtype == torch.float32 and residual.dtype == torch.float32
-                   and hidden.device.type == "cpu" and residual.shape == hidden.shape
-                   and weight.dtype == torch.float32 and tuple(weight.shape) == (hidden.shape[-1],)
-                   and hidden.numel() > 0 and not (torch.is_grad_enabled() and any(
-                       t.requires_grad for t in (hidden, residual, weight))))
-        if fusable:
+        if residual is not None and _kernel_fits(hidden, residual, weight) and not _needs_grad(hidden, residual, weight):
             return _merge_kernel(hidden, residual, weight, float(eps), merge)
         hidden, residual = merge.apply(hidden), merge.apply(residual)
-    if (hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hidden.device.type != "cpu"
-            or (residual is not None and (residual.dtype != torch.float32 or residual.shape != hidden.shape))
-            or tuple(weight.shape) != (hidden.shape[-1],) or hidden.numel() == 0):
+    if not _kernel_fits(hidden, residual, weight):
         return add_rmsnorm_ref(hidden, residual, weight, eps)
-    tensors = [t for t in (hidden, residual, weight) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _needs_grad(hidden, residual, weight):
         return _AddRMSNorm.apply(hidden, residual, weight, float(eps))
     return _kernel(hidden, residual, weight, float(eps))
