@@ -137,6 +137,52 @@ def test_conv_bidir_gradients_and_bad_input():
         causal_conv1d_bidir_cpu(x32, *args32, out_f=torch.empty(2, 4, 18)[..., ::2])
 
 
+@pytest.mark.parametrize("k,activation,bias,only_f,threads", [(4, True, True, False, 1), (4, True, False, False, 2),
+                                                                 (2, False, True, True, 2), (1, True, True, False, 1)])
+def test_conv_bidir_kernel_backward_matches_autograd_through_the_reference(k, activation, bias, only_f, threads,
+                                                                         monkeypatch):
+    """The numba backward against autograd through torch's conv: random upstream gradients, x a strided
+    slice (as in the mixer), one output unused, one or two threads (per-thread weight-gradient sums)."""
+    g = torch.Generator().manual_seed(k + 10 * threads)
+    xz = torch.randn(12, 3, 23, generator=g).transpose(0, 1)  # (B, 2E, L) stored as (2E, B, L)
+    x = xz[:, :6].requires_grad_()  # a leaf view with (B, E, L) strides (3·... , 1·..., 1)
+    params = [torch.randn(6, 1, k, generator=g), torch.randn(6, generator=g) if bias else None,
+              torch.randn(6, 1, k, generator=g), torch.randn(6, generator=g) if bias else None]
+    params = [p.requires_grad_() if p is not None else None for p in params]
+    gf, gb = torch.randn(3, 6, 23, generator=g), torch.randn(3, 6, 23, generator=g)
+    ref = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, *params)]
+    import vimtr.ops.scan_cpu as scan_cpu
+    monkeypatch.setattr(scan_cpu, "_MIN_WORK_PER_THREAD", 1)  # split even this small input between threads
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cf, cb = causal_conv1d_bidir_cpu(x, *params, activation=activation)
+        ((cf * gf).sum() + (0 if only_f else (cb * gb).sum())).backward()
+    finally:
+        torch.set_num_threads(old)
+    rf, rb = causal_conv1d_bidir_ref(*ref, activation=activation)
+    ((rf * gf).sum() + (0 if only_f else (rb * gb).sum())).backward()
+    for got, want in zip((x, *params), ref):
+        if got is not None:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_bidir_reference_backward_switch_gives_the_same_gradients(monkeypatch):
+    import vimtr.ops.conv_cpu as conv_cpu
+    g = torch.Generator().manual_seed(5)
+    args = [torch.randn(2, 4, 11, generator=g), torch.randn(4, 1, 4, generator=g), torch.randn(4, generator=g),
+            torch.randn(4, 1, 4, generator=g), torch.randn(4, generator=g)]
+    grads = []
+    for kernel in (True, False):
+        monkeypatch.setattr(conv_cpu, "KERNEL_BACKWARD", kernel)
+        leaves = [a.clone().requires_grad_() for a in args]
+        cf, cb = causal_conv1d_bidir_cpu(*leaves)
+        (cf.square().sum() + cb.sin().sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------- scan: out=, accumulate=, delta_out=
 def _scan_inputs(seed=0, b=2, e=6, l=15, n=16):
     g = torch.Generator().manual_seed(seed)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit
 
-from vimtr.ops.scan_cpu import _FM_KERNEL, _load_row, _run_rows, _sigmoid, _span, _store_row
+from vimtr.ops.scan_cpu import _FM_KERNEL, _load_row, _run_rows, _sigmoid, _span, _store_row, _threads_for
 
 __all__ = ["causal_conv1d_bidir_cpu", "causal_conv1d_bidir_ref"]
 
@@ -65,6 +65,89 @@ def _conv_bidir(lo, hi, L, x, sx, wf, bf, wb, bb, of, so, ob, sob, silu):
             xb[t] = zero
 
 
+@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+def _conv_bidir_backward(lo, hi, chunk, L, x, sx, wf, bf, wb, bb, gf, sgf, gb, sgb, silu, dx, dwf, dbf, dwb,
+                         dbb):
+    """Gradients of :func:`_conv_bidir` for rows [lo, hi): dx (contiguous (B, E, L)) per row; the weight
+    and bias gradients summed into this chunk's dwf[chunk], dbf[chunk], ... (channels recur across the
+    batch, so each thread sums its own). With xb[k] = x[k − (K−1)] and dp the pre-activation gradient
+    zero-padded alike, the forward's pf[t] = Σ_j wf[j]·xb[t + j] gives dx[t] = Σ_j wf[j]·dpf[t + 2(K−1) − j]:
+    the backward is the mirror image of the forward (and likewise for the anti-causal direction)."""
+    E, K = wf.shape
+    dtype = wf.dtype
+    one = dtype.type(1)
+    P = L + 2 * (K - 1)
+    xb = np.zeros(P, dtype)
+    dpf = np.zeros(P, dtype)  # zero padding on both sides stays zero: only [K-1, K-1+L) is written
+    dpb = np.zeros(P, dtype)
+    pf = np.empty(L, dtype)
+    pb = np.empty(L, dtype)
+    gt = np.empty(L, dtype)
+    dxb = np.empty(L, dtype)
+    for i in range(lo, hi):
+        b = i // E
+        e = i - b * E
+        _load_row(x, sx[0] + b * sx[1] + e * sx[2], sx[3], xb[K - 1:K - 1 + L])
+        for t in range(L):
+            pf[t] = bf[e]
+            pb[t] = bb[e]
+        for j in range(K):  # the pre-activations again (the forward kept only the outputs)
+            w1 = wf[e, j]
+            w2 = wb[e, j]
+            s1 = xb[j:j + L]
+            s2 = xb[2 * (K - 1) - j:2 * (K - 1) - j + L]
+            for t in range(L):
+                pf[t] += w1 * s1[t]
+            for t in range(L):
+                pb[t] += w2 * s2[t]
+        for direction in range(2):
+            p = pf if direction == 0 else pb
+            dp = dpf[K - 1:K - 1 + L] if direction == 0 else dpb[K - 1:K - 1 + L]
+            g, sg = (gf, sgf) if direction == 0 else (gb, sgb)
+            if g.size == 0:  # this output had no gradient
+                for t in range(L):
+                    dp[t] = 0
+                continue
+            _load_row(g, sg[0] + b * sg[1] + e * sg[2], sg[3], gt)
+            if silu:
+                for t in range(L):
+                    sgm = _sigmoid(p[t])
+                    dp[t] = gt[t] * sgm * (one + p[t] * (one - sgm))
+            else:
+                for t in range(L):
+                    dp[t] = gt[t]
+        for t in range(L):
+            dxb[t] = 0
+        acc_f = dtype.type(0)
+        acc_b = dtype.type(0)
+        for t in range(L):
+            acc_f += dpf[K - 1 + t]
+            acc_b += dpb[K - 1 + t]
+        dbf[chunk, e] += acc_f
+        dbb[chunk, e] += acc_b
+        for j in range(K):
+            w1 = wf[e, j]
+            w2 = wb[e, j]
+            r1 = dpf[2 * (K - 1) - j:2 * (K - 1) - j + L]
+            r2 = dpb[j:j + L]
+            for t in range(L):
+                dxb[t] += w1 * r1[t] + w2 * r2[t]
+            s1 = xb[j:j + L]
+            s2 = xb[2 * (K - 1) - j:2 * (K - 1) - j + L]
+            a1 = dtype.type(0)
+            a2 = dtype.type(0)
+            for t in range(L):
+                a1 += dpf[K - 1 + t] * s1[t]
+                a2 += dpb[K - 1 + t] * s2[t]
+            dwf[chunk, e, j] += a1
+            dwb[chunk, e, j] += a2
+        o = (b * E + e) * L
+        for t in range(L):
+            dx[o + t] = dxb[t]
+        for t in range(K - 1):  # x's padding stays zero for the next row
+            xb[t] = 0
+
+
 def _weights(w, E):
     if w.dim() == 3 and w.shape[:2] == (E, 1):
         w = w.reshape(E, -1)
@@ -102,33 +185,80 @@ def _kernel_forward(x, w_f, b_f, w_b, b_b, activation, out_f, out_b):
     return out_f, out_b
 
 
+def _kernel_backward(x, w_f, b_f, w_b, b_b, activation, g_f, g_b):
+    """(dx, dw_f (E, K), db_f, dw_b, db_b) from the kernel; a missing g_* counts as zero."""
+    Bn, E, L = x.shape
+    wf, wb = _weights(w_f, E), _weights(w_b, E)
+    K = wf.shape[1]
+    zeros = torch.zeros(E)
+    bf = (b_f if b_f is not None else zeros).detach().contiguous().numpy()
+    bb = (b_b if b_b is not None else zeros).detach().contiguous().numpy()
+    xf, sx = _span(x)
+    (gff, sgf), (gbf, sgb) = [_span(g) if g is not None else (np.empty(0, np.float32), np.zeros(4, np.int64))
+                              for g in (g_f, g_b)]
+    rows, work = Bn * E, Bn * E * L * K // 2
+    nt = _threads_for(rows, work)
+    dx = torch.empty(Bn, E, L)
+    parts = [np.zeros((nt, E, K), np.float32), np.zeros((nt, E), np.float32),
+             np.zeros((nt, E, K), np.float32), np.zeros((nt, E), np.float32)]
+    dxf = dx.view(-1).numpy()
+    wfn, wbn = wf.detach().contiguous().numpy(), wb.detach().contiguous().numpy()
+
+    def call(lo, hi, chunk):
+        _conv_bidir_backward(lo, hi, chunk, L, xf, sx, wfn, bf, wbn, bb, gff, sgf, gbf, sgb, bool(activation),
+                             dxf, *parts)
+
+    used = _run_rows(call, rows, work)
+    assert used == nt  # the partial sums were sized for this many chunks
+    dwf, dbf, dwb, dbb = (torch.from_numpy(p.sum(axis=0)) for p in parts)
+    return dx, dwf, dbf, dwb, dbb
+
+
 def _new_out(x, channel_major):
     Bn, E, L = x.shape
     return torch.empty(E, Bn, L).transpose(0, 1) if channel_major else torch.empty(Bn, E, L)
 
 
 class _ConvBidir(torch.autograd.Function):
-    """The kernel's values forward; the backward differentiates :func:`causal_conv1d_bidir_ref`
-    (recomputed), so training through this path gets the same gradients as through torch's conv."""
+    """The kernel's values forward, and its mirror-image kernel backward (:func:`_conv_bidir_backward`,
+    checked against autograd through :func:`causal_conv1d_bidir_ref` in the tests). oneDNN's depthwise
+    conv backward plus the recomputed reference forward were 12% of a re-training step of the bundled model."""
 
     @staticmethod
     def forward(ctx, x, w_f, b_f, w_b, b_b, activation, channel_major):
         ctx.save_for_backward(x, w_f, b_f, w_b, b_b)
         ctx.activation = activation
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zeros to read
         return _kernel_forward(x, w_f, b_f, w_b, b_b, activation, _new_out(x, channel_major),
                                _new_out(x, channel_major))
 
     @staticmethod
     def backward(ctx, g_f, g_b):
-        saved = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip(saved, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            c_f, c_b = causal_conv1d_bidir_ref(*inputs, ctx.activation)
-            wanted = [t for t in inputs if t is not None and t.requires_grad]
-            outs, grads = zip(*[(c, g) for c, g in ((c_f, g_f), (c_b, g_b)) if g is not None])
-            got = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True)) if wanted else iter(())
-        return tuple(next(got) if t is not None and t.requires_grad else None for t in inputs) + (None, None)
+        if not KERNEL_BACKWARD:
+            return _backward_via_reference(ctx, g_f, g_b)
+        x, w_f, b_f, w_b, b_b = ctx.saved_tensors
+        dx, dwf, dbf, dwb, dbb = _kernel_backward(x, w_f, b_f, w_b, b_b, ctx.activation, g_f, g_b)
+        need = ctx.needs_input_grad
+        f, b = g_f is not None, g_b is not None  # an unused output's parameters get None, as in autograd
+        return (dx if need[0] else None, dwf.view_as(w_f) if need[1] and f else None,
+                dbf if need[2] and f and b_f is not None else None, dwb.view_as(w_b) if need[3] and b else None,
+                dbb if need[4] and b and b_b is not None else None, None, None)
+
+
+KERNEL_BACKWARD = True  # False: differentiate the reference instead (what benchmarks/retrain_speed.py compares)
+
+
+def _backward_via_reference(ctx, g_f, g_b):
+    """The backward as autograd through :func:`causal_conv1d_bidir_ref`, recomputed (the previous path)."""
+    saved = ctx.saved_tensors
+    inputs = [t.detach().requires_grad_(need) if t is not None else None
+              for t, need in zip(saved, ctx.needs_input_grad)]
+    with torch.enable_grad():
+        c_f, c_b = causal_conv1d_bidir_ref(*inputs, ctx.activation)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        outs, grads = zip(*[(c, g) for c, g in ((c_f, g_f), (c_b, g_b)) if g is not None])
+        got = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True)) if wanted else iter(())
+    return tuple(next(got) if t is not None and t.requires_grad else None for t in inputs) + (None, None)
 
 
 def causal_conv1d_bidir_cpu(x, w_f, b_f, w_b, b_b, activation: bool = True, out_f=None, out_b=None,
