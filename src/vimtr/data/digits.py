@@ -52,6 +52,41 @@ def digits_dataset(split: str = "test") -> TensorDataset:
     return TensorDataset(*digits_tensors(split))
 
 
+# RandomAffine (degrees, shift in px, scale range): the bundled model's, and a stronger one to explore with.
+AUGMENT = {"default": (10, 2, (0.9, 1.1)), "strong": (15, 4, (0.75, 1.15))}
+
+
+def augment(x: torch.Tensor, strength: str = "default") -> torch.Tensor:
+    """Per image of a batch (N, 1, H, W): rotation ±10°, shift ±2 px, scale 0.9-1.1 (``strong``: ±15°,
+    ±4 px, 0.75-1.15; torchvision's RandomAffine on tensors, drawing from torch's global generator),
+    background-filled."""
+    from torchvision.transforms import v2
+
+    if strength not in AUGMENT:
+        raise ValueError(f"digits augmentation strength must be one of {sorted(AUGMENT)}, got {strength!r}")
+    degrees, shift, scale = AUGMENT[strength]
+    t = v2.RandomAffine(degrees=degrees, translate=(shift / IMG_SIZE, shift / IMG_SIZE), scale=scale,
+                        interpolation=v2.InterpolationMode.BILINEAR, fill=-MEAN / STD)
+    return torch.stack([t(img) for img in x])
+
+
+class AugmentedDigits(torch.utils.data.Dataset):
+    """A digits split whose every read is a fresh random affine map of the image (the bundled model's
+    training augmentation), for re-training: under vimtr's trainer each read is seeded per sample and
+    epoch, so a run is reproducible and independent of the number of processes."""
+
+    def __init__(self, split: str = "train", strength: str = "default"):
+        self.dataset, self.strength = digits_dataset(split), strength
+        augment(self.dataset[0][0][None], strength)  # a bad strength fails here, not in the loop
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return augment(x[None], self.strength)[0], y
+
+
 def to_image(x: torch.Tensor):
     """Undo the normalisation of one (1, H, W) tensor: an (H, W) array in [0, 1] for plotting."""
     return (x[0] * STD + MEAN).clamp(0, 1).cpu().numpy()

@@ -29,23 +29,7 @@ from vimtr.data import digits
 from vimtr.io import atomic_write, write_json
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets"
-
-
-# RandomAffine (degrees, shift in px, scale range): the bundled model's, and a stronger one to explore with.
-AUGMENT = {"default": (10, 2, (0.9, 1.1)), "strong": (15, 4, (0.75, 1.15))}
-
-
-def augment(x: torch.Tensor, strength: str = "default") -> torch.Tensor:
-    """Per image: rotation ±10°, shift ±2 px, scale 0.9-1.1 (``strong``: ±15°, ±4 px, 0.75-1.15;
-    torchvision's RandomAffine on tensors, drawing from torch's global generator, which ``train`` seeds),
-    background-filled."""
-    from torchvision.transforms import v2
-
-    degrees, shift, scale = AUGMENT[strength]
-    bg = -digits.MEAN / digits.STD
-    t = v2.RandomAffine(degrees=degrees, translate=(shift / digits.IMG_SIZE, shift / digits.IMG_SIZE), scale=scale,
-                        interpolation=v2.InterpolationMode.BILINEAR, fill=bg)
-    return torch.stack([t(img) for img in x])
+AUGMENT, augment = digits.AUGMENT, digits.augment  # the random affine maps live with the dataset
 
 
 @torch.no_grad()
