@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import vimtr
-from vimtr.engine import data, recipe, train
+from vimtr.engine import data, distributed, recipe, train
 from vimtr.engine.errors import UsageError
 from vimtr.engine.evaluate import evaluate
 
@@ -253,3 +253,27 @@ def test_ema_starts_from_given_weights(tmp_path):
     assert out["steps"] == 1
     assert all(torch.equal(ck["model_ema"][k], v) for k, v in other.state_dict().items())
     assert not torch.equal(ck["model"]["head.weight"], other.state_dict()["head.weight"])
+
+
+def _rank_sum(scale):
+    """Runs in each spawned process: the group is joined, one thread each, ranks see each other."""
+    import torch.distributed as dist
+    ctx = distributed.context()
+    t = torch.tensor([float(ctx.rank + 1)])
+    if ctx.distributed:
+        dist.all_reduce(t)
+    return {"sum": scale * t.item(), "world": ctx.world, "threads": torch.get_num_threads()}
+
+
+def _fails_on_rank_1():
+    if distributed.context().rank == 1:
+        raise ValueError("rank 1 failed on purpose")
+    return {}
+
+
+def test_spawn_cpu_joins_a_gloo_group_and_returns_rank_0s_value():
+    assert distributed.spawn_cpu(_rank_sum, 2, 10.0) == {"sum": 30.0, "world": 2, "threads": 1}
+    assert distributed.spawn_cpu(_rank_sum, 1, 10.0)["sum"] == 10.0  # in this process, no group
+    with pytest.raises(Exception, match="rank 1 failed on purpose"):
+        distributed.spawn_cpu(_fails_on_rank_1, 2)
+    assert 1 <= distributed.cpu_workers(2) <= 2

@@ -100,3 +100,53 @@ def broadcast(obj, ctx: Context, src: int = 0):
 def barrier(ctx: Context):
     if ctx.distributed:
         dist.barrier()
+
+
+# ------------------------------------------------------------------------------ local CPU process groups
+def cpu_workers(limit: int) -> int:
+    """How many one-thread training processes this machine's CPUs allow, at most ``limit``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(int(limit), cores))
+
+
+def spawn_cpu(fn, world: int, *args):
+    """Run ``fn(*args)`` in ``world`` fresh CPU processes joined by a gloo group, without torchrun.
+
+    On a small CPU machine one PyTorch process with several threads uses them poorly for small batches
+    (a re-training step of the bundled model is no faster with 2 threads than with 1); one single-threaded
+    process per core with DDP is. Each process has one thread; inside, :func:`context` sees the group, so
+    :func:`vimtr.engine.train.retrain` shards the data and averages the gradients as under torchrun.
+    The group meets through a file store in a private temporary folder (no port to pick or collide on).
+    Returns rank 0's return value, which must be JSON-serialisable (it comes back through a file, so
+    nothing is unpickled); an exception in any process is raised here. ``world == 1`` calls ``fn`` here."""
+    if world <= 1:
+        return fn(*args)
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="vimtr-group-") as tmp:
+        # spawn, not fork: the parent's OpenMP and numba threads do not survive a fork
+        mp.start_processes(_spawned, args=(world, tmp, fn, args), nprocs=world, join=True, start_method="spawn")
+        with open(os.path.join(tmp, "result.json")) as f:
+            return json.load(f)
+
+
+def _spawned(rank, world, tmp, fn, args):
+    import json
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), world), rank=rank,
+                            world_size=world)
+    try:
+        value = fn(*args)
+        if rank == 0:
+            with open(os.path.join(tmp, "result.json.tmp"), "w") as f:
+                json.dump(value, f)
+            os.replace(os.path.join(tmp, "result.json.tmp"), os.path.join(tmp, "result.json"))
+    finally:
+        dist.destroy_process_group()
