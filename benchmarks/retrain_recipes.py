@@ -27,21 +27,6 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-class Augmented(torch.utils.data.Dataset):
-    """The bundled model's own training augmentation (small random affine maps) on each image."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        from vimtr.tools.train_digits import augment
-        x, y = self.dataset[i]
-        return augment(x[None])[0], y
-
-
 def main(argv=None):
     from vimtr.data import digits
     from vimtr.engine.evaluate import evaluate
@@ -71,8 +56,8 @@ def main(argv=None):
     torch.manual_seed(0)
     teacher = vimtr.load_model(args.checkpoint, name="vim_digits").eval()
     test, train = digits.digits_dataset("test"), digits.digits_dataset("train")
-    if args.augment:
-        train = Augmented(train)
+    if args.augment:  # the bundled model's training augmentation, each read seeded by the trainer
+        train = digits.AugmentedDigits("train")
     student = vimtr.reduce(copy.deepcopy(teacher), "rmeeto", flops_reduction=args.flops_reduction, **SCHEDULE)
     if args.drop_path is not None:
         from timm.layers import DropPath
