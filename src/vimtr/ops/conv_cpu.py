@@ -25,6 +25,26 @@ __all__ = ["causal_conv1d_bidir_cpu", "causal_conv1d_bidir_ref"]
 
 
 @njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+def _preactivations(xb, wf, bf, wb, bb, e, L, cf, cb):
+    """Channel e's two convolutions before the SiLU, from its row xb padded with K-1 zeros on each side."""
+    K = wf.shape[1]
+    for t in range(L):
+        cf[t] = bf[e]
+        cb[t] = bb[e]
+    for j in range(K):
+        # Shifted windows as slices: LLVM vectorises these loops, not ones indexing xb[t + j] (numba's
+        # negative-index wraparound on a sum it cannot prove non-negative blocks it; 3x measured).
+        w1 = wf[e, j]
+        w2 = wb[e, j]
+        s1 = xb[j:j + L]
+        s2 = xb[2 * (K - 1) - j:2 * (K - 1) - j + L]
+        for t in range(L):
+            cf[t] += w1 * s1[t]
+        for t in range(L):
+            cb[t] += w2 * s2[t]
+
+
+@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
 def _conv_bidir(lo, hi, L, x, sx, wf, bf, wb, bb, of, so, ob, sob, silu):
     """Rows [lo, hi) of (B, E, L); row i is (b, e) = divmod(i, E). s* = (base, batch, channel, token)."""
     E, K = wf.shape
@@ -38,20 +58,7 @@ def _conv_bidir(lo, hi, L, x, sx, wf, bf, wb, bb, of, so, ob, sob, silu):
         e = i - b * E
         x0 = sx[0] + b * sx[1] + e * sx[2]
         _load_row(x, x0, sx[3], xb[K - 1:K - 1 + L])
-        for t in range(L):
-            cf[t] = bf[e]
-            cb[t] = bb[e]
-        for j in range(K):
-            # Shifted windows as slices: LLVM vectorises these loops, not ones indexing xb[t + j] (numba's
-            # negative-index wraparound on a sum it cannot prove non-negative blocks it; 3x measured).
-            w1 = wf[e, j]
-            w2 = wb[e, j]
-            s1 = xb[j:j + L]
-            s2 = xb[2 * (K - 1) - j:2 * (K - 1) - j + L]
-            for t in range(L):
-                cf[t] += w1 * s1[t]
-            for t in range(L):
-                cb[t] += w2 * s2[t]
+        _preactivations(xb, wf, bf, wb, bb, e, L, cf, cb)
         if silu:
             for t in range(L):
                 v = cf[t]
@@ -88,18 +95,7 @@ def _conv_bidir_backward(lo, hi, chunk, L, x, sx, wf, bf, wb, bb, gf, sgf, gb, s
         b = i // E
         e = i - b * E
         _load_row(x, sx[0] + b * sx[1] + e * sx[2], sx[3], xb[K - 1:K - 1 + L])
-        for t in range(L):
-            pf[t] = bf[e]
-            pb[t] = bb[e]
-        for j in range(K):  # the pre-activations again (the forward kept only the outputs)
-            w1 = wf[e, j]
-            w2 = wb[e, j]
-            s1 = xb[j:j + L]
-            s2 = xb[2 * (K - 1) - j:2 * (K - 1) - j + L]
-            for t in range(L):
-                pf[t] += w1 * s1[t]
-            for t in range(L):
-                pb[t] += w2 * s2[t]
+        _preactivations(xb, wf, bf, wb, bb, e, L, pf, pb)  # again: the forward kept only the outputs
         for direction in range(2):
             p = pf if direction == 0 else pb
             dp = dpf[K - 1:K - 1 + L] if direction == 0 else dpb[K - 1:K - 1 + L]
