@@ -137,7 +137,7 @@ def spawn_cpu(fn, world: int, *args):
 
 
 def _spawned(rank, world, tmp, fn, args):
-    import json
+    from vimtr.io import write_json
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), world), rank=rank,
@@ -145,8 +145,6 @@ def _spawned(rank, world, tmp, fn, args):
     try:
         value = fn(*args)
         if rank == 0:
-            with open(os.path.join(tmp, "result.json.tmp"), "w") as f:
-                json.dump(value, f)
-            os.replace(os.path.join(tmp, "result.json.tmp"), os.path.join(tmp, "result.json"))
+            write_json(os.path.join(tmp, "result.json"), value)
     finally:
         dist.destroy_process_group()
