@@ -123,7 +123,8 @@ def test_demo_times_each_table_row_with_its_own_reduction(monkeypatch):
 def test_train_digits_delta_init_range(dt_range):
     import torch.nn.functional as F
 
-    from vimtr.tools.train_digits import augment, init_backward_dt
+    from vimtr.data.digits import augment
+    from vimtr.tools.train_digits import init_backward_dt
     torch.manual_seed(0)
     model = vimtr.create_model("vim_digits")
     init_backward_dt(model, dt_range)

@@ -163,16 +163,18 @@ def causal_conv1d_bidir_ref(x, w_f, b_f, w_b, b_b, activation: bool = True):
     return (F.silu(c_f), F.silu(c_b)) if activation else (c_f, c_b)
 
 
+def _parameters(w_f, b_f, w_b, b_b, E):
+    """The kernels' (wf, bf, wb, bb) numpy arrays: (E, K) weights, (E,) biases (zeros where None)."""
+    zeros = torch.zeros(E)
+    return tuple((t if t is not None else zeros).detach().contiguous().numpy() for t in (w_f, b_f, w_b, b_b))
+
+
 def _kernel_forward(x, w_f, b_f, w_b, b_b, activation, out_f, out_b):
     Bn, E, L = x.shape
-    zeros = None if b_f is not None and b_b is not None else torch.zeros(E)
-    bf = (b_f if b_f is not None else zeros).detach().contiguous().numpy()
-    bb = (b_b if b_b is not None else zeros).detach().contiguous().numpy()
+    wf, bf, wb, bb = _parameters(w_f, b_f, w_b, b_b, E)
     xf, sx = _span(x)
     of, so = _span(out_f)
     ob, sob = _span(out_b)
-    wf = w_f.detach().contiguous().numpy()
-    wb = w_b.detach().contiguous().numpy()
 
     def call(lo, hi, chunk):
         _conv_bidir(lo, hi, L, xf, sx, wf, bf, wb, bb, of, so, ob, sob, bool(activation))
@@ -184,11 +186,8 @@ def _kernel_forward(x, w_f, b_f, w_b, b_b, activation, out_f, out_b):
 def _kernel_backward(x, w_f, b_f, w_b, b_b, activation, g_f, g_b):
     """(dx, dw_f (E, K), db_f, dw_b, db_b) from the kernel; a missing g_* counts as zero."""
     Bn, E, L = x.shape
-    wf, wb = _weights(w_f, E), _weights(w_b, E)
-    K = wf.shape[1]
-    zeros = torch.zeros(E)
-    bf = (b_f if b_f is not None else zeros).detach().contiguous().numpy()
-    bb = (b_b if b_b is not None else zeros).detach().contiguous().numpy()
+    wfn, bf, wbn, bb = _parameters(w_f, b_f, w_b, b_b, E)  # w_* arrive (E, K), as _ConvBidir.apply got them
+    K = wfn.shape[1]
     xf, sx = _span(x)
     (gff, sgf), (gbf, sgb) = [_span(g) if g is not None else (np.empty(0, np.float32), np.zeros(4, np.int64))
                               for g in (g_f, g_b)]
@@ -198,7 +197,6 @@ def _kernel_backward(x, w_f, b_f, w_b, b_b, activation, g_f, g_b):
     parts = [np.zeros((nt, E, K), np.float32), np.zeros((nt, E), np.float32),
              np.zeros((nt, E, K), np.float32), np.zeros((nt, E), np.float32)]
     dxf = dx.view(-1).numpy()
-    wfn, wbn = wf.detach().contiguous().numpy(), wb.detach().contiguous().numpy()
 
     def call(lo, hi, chunk):
         _conv_bidir_backward(lo, hi, chunk, L, xf, sx, wfn, bf, wbn, bb, gff, sgf, gbf, sgb, bool(activation),

@@ -29,7 +29,6 @@ from vimtr.data import digits
 from vimtr.io import atomic_write, write_json
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets"
-AUGMENT, augment = digits.AUGMENT, digits.augment  # the random affine maps live with the dataset
 
 
 @torch.no_grad()
@@ -73,7 +72,7 @@ def train(epochs=25, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=2,
         perm = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr), batch_size):
             idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(model(augment(xtr[idx], augment_strength)), ytr[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(digits.augment(xtr[idx], augment_strength)), ytr[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -94,7 +93,7 @@ def train(epochs=25, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=2,
         "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                      "warmup_epochs": warmup_epochs, "label_smoothing": 0.1,
                      "augmentation": "RandomAffine: rotation ±{}°, shift ±{} px, scale {}-{}".format(
-                         *AUGMENT[augment_strength][:2], *AUGMENT[augment_strength][2]),
+                         *digits.AUGMENT[augment_strength][:2], *digits.AUGMENT[augment_strength][2]),
                      "init": "official, plus Mamba's Δ init for dt_proj_b (see train_digits)" + (
                          f"; Δ init range {dt_range[0]}-{dt_range[1]} in both directions" if dt_range else ""),
                      "seed": seed, "minutes": round((time.time() - start) / 60, 2), "torch": torch.__version__,
@@ -112,7 +111,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dt-init", type=float, nargs=2, metavar=("MIN", "MAX"),
                     help="Mamba's Δ init range for both directions (default: 0.001-0.1, as Mamba)")
-    ap.add_argument("--augment", choices=sorted(AUGMENT), default="default",
+    ap.add_argument("--augment", choices=sorted(digits.AUGMENT), default="default",
                     help="random affine strength (default: the bundled model's)")
     args = ap.parse_args(argv)
     model, card = train(epochs=args.epochs, seed=args.seed, dt_range=tuple(args.dt_init) if args.dt_init else None,
