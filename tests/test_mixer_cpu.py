@@ -332,3 +332,60 @@ def test_add_rmsnorm_matches_torch_and_has_gradients():
     for x, y in zip(ins, ref):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5)
     assert add_rmsnorm_cpu(h.double(), None, w.double(), 1e-5)[1].dtype == torch.float64  # torch fallback
+
+
+@pytest.mark.parametrize("only", [0, 1, 2])
+def test_add_rmsnorm_gradients_when_one_input_trains(only):
+    """A frozen layer below: only the norm weight (or only one stream) needs a gradient; the residual output
+    then does not depend on what trains and must not break the backward."""
+    from vimtr.ops.norm_cpu import add_rmsnorm_cpu, add_rmsnorm_ref
+    g = torch.Generator().manual_seed(7)
+    base = [torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g), torch.randn(16, generator=g)]
+    grads = []
+    for fn in (add_rmsnorm_cpu, add_rmsnorm_ref):
+        args = [t.clone().requires_grad_(i == only) for i, t in enumerate(base)]
+        res, normed = fn(*args, 1e-5)
+        (res.sum() + (normed * torch.linspace(-1, 1, normed.numel()).view_as(normed)).sum()).backward()
+        grads.append(args[only].grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_conv_bidir_reference_backward_when_one_direction_trains(monkeypatch):
+    import vimtr.ops.conv_cpu as conv_cpu
+    monkeypatch.setattr(conv_cpu, "KERNEL_BACKWARD", False)
+    g = torch.Generator().manual_seed(8)
+    args = [torch.randn(2, 4, 9, generator=g), torch.randn(4, 1, 4, generator=g), torch.randn(4, generator=g),
+            torch.randn(4, 1, 4, generator=g), torch.randn(4, generator=g)]
+    w_b = args[3].clone().requires_grad_()
+    cf, cb = causal_conv1d_bidir_cpu(args[0], args[1], args[2], w_b, args[4])
+    (cf.sum() + cb.square().sum()).backward()  # the forward output depends on nothing that trains
+    w_ref = args[3].clone().requires_grad_()
+    ref_f, ref_b = causal_conv1d_bidir_ref(args[0], args[1], args[2], w_ref, args[4])
+    ref_b.square().sum().backward()
+    torch.testing.assert_close(w_b.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_reduced_model_with_frozen_first_blocks_trains_on_the_cpu_path():
+    """Fine-tuning with the embedding and the first blocks frozen: the gradients of what trains match
+    the reference path's."""
+    import re
+
+    import vimtr
+    from vimtr.models.vim import VisionMamba
+    torch.manual_seed(0)
+    model = VisionMamba(img_size=16, patch_size=4, depth=4, embed_dim=16, in_chans=1, num_classes=3,
+                        drop_path_rate=0.0)
+    model = vimtr.reduce(model, "rmeeto", r=3, interval=2).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(not re.match(r"(patch_embed|pos_embed|cls_token|layers\.[01]\.)", name))
+    x = torch.randn(2, 1, 16, 16)
+    grads = []
+    for backend in ("reference", "cpu"):
+        model.zero_grad()
+        with scan_backend(backend):
+            model(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and "layers.2.norm.weight" in grads[0]
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()),
+                                   msg=name)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit
 
+from vimtr.ops.recompute import grads_via_reference
 from vimtr.ops.scan_cpu import _FM_KERNEL, _load_row, _run_rows, _sigmoid, _span, _store_row, _threads_for
 
 __all__ = ["causal_conv1d_bidir_cpu", "causal_conv1d_bidir_ref"]
@@ -244,15 +245,8 @@ KERNEL_BACKWARD = True  # False: differentiate the reference instead (what bench
 
 def _backward_via_reference(ctx, g_f, g_b):
     """The backward as autograd through :func:`causal_conv1d_bidir_ref`, recomputed (the previous path)."""
-    saved = ctx.saved_tensors
-    inputs = [t.detach().requires_grad_(need) if t is not None else None
-              for t, need in zip(saved, ctx.needs_input_grad)]
-    with torch.enable_grad():
-        c_f, c_b = causal_conv1d_bidir_ref(*inputs, ctx.activation)
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        outs, grads = zip(*[(c, g) for c, g in ((c_f, g_f), (c_b, g_b)) if g is not None])
-        got = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True)) if wanted else iter(())
-    return tuple(next(got) if t is not None and t.requires_grad else None for t in inputs) + (None, None)
+    return grads_via_reference(lambda *t: causal_conv1d_bidir_ref(*t, ctx.activation), ctx.saved_tensors,
+                               ctx.needs_input_grad, (g_f, g_b)) + (None, None)
 
 
 def causal_conv1d_bidir_cpu(x, w_f, b_f, w_b, b_b, activation: bool = True, out_f=None, out_b=None,

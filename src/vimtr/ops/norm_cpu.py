@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from vimtr.ops.recompute import grads_via_reference
 from vimtr.ops.scan_cpu import _FM_KERNEL, _run_rows
 
 __all__ = ["add_rmsnorm_cpu", "add_rmsnorm_ref"]
@@ -140,15 +141,8 @@ class _AddRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_res, g_norm):
-        hidden, residual, weight = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip((hidden, residual, weight), ctx.needs_input_grad)]
-        with torch.enable_grad():
-            res, normed = add_rmsnorm_ref(inputs[0], inputs[1], inputs[2], ctx.eps)
-            pairs = [(o, g) for o, g in ((res, g_res), (normed, g_norm)) if g is not None]
-            wanted = [t for t in inputs if t is not None and t.requires_grad]
-            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        return tuple(next(got) if t is not None and t.requires_grad else None for t in inputs) + (None,)
+        return grads_via_reference(lambda h, r, w: add_rmsnorm_ref(h, r, w, ctx.eps), ctx.saved_tensors,
+                                   ctx.needs_input_grad, (g_res, g_norm)) + (None,)
 
 
 def _kernel_fits(hidden, residual, weight) -> bool:
