@@ -156,6 +156,7 @@ def test_checkpoint_is_weights_only_and_complete(finished_run):
     (["--num-prune", "2"], "token reduction"),
     (["--batch-size", "2"], "batch_size"),
     (["--seed", "1"], "seed"),
+    (["--drop-path", "0.05"], "drop_path"),
 ])
 def test_resume_with_different_settings_is_refused(finished_run, change, expect):
     root, argv = finished_run
@@ -183,10 +184,19 @@ def test_existing_output_needs_resume(finished_run):
     (dict(batch_size=3, mixup=0.8), "even batch size"),
     (dict(batch_size=0), "positive integer"),
     (dict(train_fraction=0.0), "train fraction"),
+    (dict(drop_path=1.5), "drop_path"),
 ])
 def test_impossible_settings(kwargs, expect):
     with pytest.raises(UsageError, match=expect):
         train.retrain(tiny_model(), quadrants(16, 0), **{"progress": False, "log": None, **kwargs})
+
+
+def test_drop_path_setting_reaches_the_student():
+    student = vimtr.reduce(tiny_model(drop_path_rate=0.1), "rmeeto", r=2)
+    summary = train.retrain(student, quadrants(16, 0), epochs=1, batch_size=8, drop_path=0.0, progress=False,
+                            log=None)
+    assert summary["config"]["drop_path"] == 0.0
+    assert all(isinstance(b.drop_path, torch.nn.Identity) for b in student.layers)
 
 
 def test_param_groups_skip_norms_biases_and_embeddings():

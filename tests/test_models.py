@@ -110,3 +110,20 @@ def test_gradients_flow_in_train_mode():
     m = vimtr.create_model("vim_tiny", **SMALL, drop_path_rate=0.1).train()
     m(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_set_drop_path_spreads_the_rate_linearly_and_zero_takes_identities():
+    from timm.layers import DropPath
+    m = vimtr.create_model("vim_tiny", **{**SMALL, "depth": 3}, drop_path_rate=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    before = m.eval()(x)
+    m.set_drop_path(0.2)
+    rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0 for b in m.layers]
+    assert rates == pytest.approx([0.0, 0.1, 0.2]) and m.drop_path.drop_prob == pytest.approx(0.2)
+    m.set_drop_path(0.0)
+    assert all(isinstance(b.drop_path, torch.nn.Identity) for b in m.layers)
+    assert isinstance(m.drop_path, torch.nn.Identity)
+    assert torch.equal(m(x), before)  # inference does not see it
+    assert m.config["drop_path_rate"] == 0.1  # the built model's record stays
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        m.set_drop_path(1.0)

@@ -37,6 +37,7 @@ def test_demo_quick_writes_well_formed_results(tmp_path):
     assert rows["baseline"]["top1"] >= 0.97
     # Re-training recovers accuracy lost by the training-free merge (same schedule, same FLOPs).
     assert rows["rmeeto_retrained"]["top1"] > rows["rmeeto"]["top1"]
+    assert rows["rmeeto_retrained"]["retrain_augment"] is True and rows["rmeeto_retrained"]["retrain_drop_path"] == 0.0
     for png in ("acc_vs_flops.png", "acc_vs_throughput.png", "token_maps.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

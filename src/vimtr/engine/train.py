@@ -33,7 +33,7 @@ from vimtr.engine.evaluate import evaluate
 
 # Settings that must not change when resuming: the data order, the schedule or the RNG streams depend on them.
 RESUME_KEYS = ("epochs", "batch_size", "accum_steps", "world_size", "seed", "train_fraction", "train_size",
-               "repeated_aug", "warmup_steps", "lr", "min_lr", "augment", "mixup", "cutmix", "ema_decay")
+               "repeated_aug", "warmup_steps", "lr", "min_lr", "augment", "mixup", "cutmix", "ema_decay", "drop_path")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Settings:
     warmup_steps: int = 0
     weight_decay: float = 0.05
     clip_grad: float | None = None
+    drop_path: float | None = None
     distill_weight: float = 0.5
     ce_weight: float = 1.0
     distill_temperature: float = 1.0
@@ -76,6 +77,8 @@ class Settings:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise UsageError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise UsageError(f"drop_path is a probability in [0, 1), got {self.drop_path!r}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise UsageError(f"mixup/cutmix mix each batch with its reverse and need an even batch size; got "
                              f"batch_size={self.batch_size}")
@@ -119,7 +122,8 @@ class _Writer:
 def retrain(student, train_set, *, teacher=None, val_set=None, epochs: int = 1, batch_size: int = 64,
             accum_steps: int = 1, lr: float | None = None, base_lr: float = 2e-5, min_lr: float = 1e-6,
             warmup_steps: int = 0, weight_decay: float = 0.05, clip_grad: float | None = None,
-            distill_weight: float = 0.5, ce_weight: float = 1.0, distill_temperature: float = 1.0,
+            drop_path: float | None = None, distill_weight: float = 0.5, ce_weight: float = 1.0,
+            distill_temperature: float = 1.0,
             ema_decay: float | None = None, ema_init: dict | None = None, augment: bool = False,
             auto_augment: str = recipe.RAND_AUGMENT, color_jitter: float = 0.4, reprob: float = 0.25,
             mixup: float = 0.0, cutmix: float = 0.0, label_smoothing: float = 0.1, repeated_aug: int = 1,
@@ -137,6 +141,8 @@ def retrain(student, train_set, *, teacher=None, val_set=None, epochs: int = 1, 
     ``ema_decay``: keep an EMA of the weights, started from ``ema_init`` (a state dict, e.g. the official
     checkpoint's ``model_ema``) or the student; with an EMA, "best" and the recovery time follow the EMA's
     accuracy, the model the official Vim-B recipe reports. ``amp``: None or an autocast dtype.
+    ``drop_path``: set the student's top stochastic-depth rate for training (``set_drop_path``); None keeps
+    the model's own (0.1 for the registry's Vims, as R-MeeTo leaves it).
     ``out_dir``: write ``last.pt``/``best.pt``/``log.jsonl``/``results.json``; ``resume``: a checkpoint
     (``last.pt``) to continue from. ``recover_within`` (points of top-1): report the training minutes
     until the student is that close to the unreduced model (``reference_top1``, else measured on
@@ -148,7 +154,8 @@ def retrain(student, train_set, *, teacher=None, val_set=None, epochs: int = 1, 
     """
     settings = Settings(
         epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, lr=lr, base_lr=base_lr, min_lr=min_lr,
-        warmup_steps=warmup_steps, weight_decay=weight_decay, clip_grad=clip_grad, distill_weight=distill_weight,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, clip_grad=clip_grad, drop_path=drop_path,
+        distill_weight=distill_weight,
         ce_weight=ce_weight, distill_temperature=distill_temperature, ema_decay=ema_decay, augment=augment,
         auto_augment=auto_augment, color_jitter=color_jitter, reprob=reprob, mixup=mixup, cutmix=cutmix,
         label_smoothing=label_smoothing, repeated_aug=repeated_aug, train_fraction=train_fraction, seed=seed,
@@ -221,6 +228,10 @@ class Trainer:
             self.reference_model = recipe.make_teacher(net).to(dev)
 
         # ---- optimisation
+        if s.drop_path is not None:
+            if not hasattr(net, "set_drop_path"):
+                raise UsageError(f"drop_path: {type(net).__name__} has no set_drop_path(); leave drop_path=None")
+            net.set_drop_path(s.drop_path)
         net.to(dev).train()
         self.optimizer = torch.optim.AdamW(recipe.param_groups(net, s.weight_decay), lr=self.lr)
         from timm.scheduler import CosineLRScheduler
@@ -540,6 +551,8 @@ def add_cli(subparsers):
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up from --min-lr (R-MeeTo: none)")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay (not on norms/biases/embeddings)")
     g.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
+    g.add_argument("--drop-path", type=float, metavar="RATE",
+                   help="the student's top stochastic-depth rate (default: the model's, 0.1; R-MeeTo keeps it)")
     g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights, started from the checkpoint's model_ema if "
                         "it has one (Vim-B recipe); best.pt and the recovery time then follow the EMA")
     g.add_argument("--model-ema-decay", type=float, default=0.99996, help="per optimizer step")
@@ -649,7 +662,7 @@ def _run(args, ctx: distributed.Context):
         model, train_set, teacher=teacher, val_set=val_set, epochs=args.epochs, batch_size=args.batch_size,
         accum_steps=args.accum_steps, lr=args.lr, base_lr=args.base_lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-        distill_weight=0.0 if args.no_distill else args.distill_weight, ce_weight=args.ce_weight,
+        drop_path=args.drop_path, distill_weight=0.0 if args.no_distill else args.distill_weight, ce_weight=args.ce_weight,
         distill_temperature=args.distill_temperature, ema_decay=args.model_ema_decay if args.model_ema else None,
         ema_init=ema_init,
         augment=augment, auto_augment=args.aa, color_jitter=args.color_jitter, reprob=args.reprob,

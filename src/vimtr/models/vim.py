@@ -38,14 +38,22 @@ class VisionMamba(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         self.head_drop = nn.Dropout(fc_drop_rate) if fc_drop_rate > 0 else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.layers = nn.ModuleList(
-            Block(embed_dim, d_state=d_state, drop_path=dpr[i], norm_eps=norm_eps, divide_out=divide_out)
-            for i in range(depth))
-        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+            Block(embed_dim, d_state=d_state, norm_eps=norm_eps, divide_out=divide_out) for _ in range(depth))
+        self.set_drop_path(drop_path_rate)
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
         self.reducer = None  # see vimtr.models.token_state: the one hook token reduction uses
         self._init_weights()
+
+    def set_drop_path(self, rate: float):
+        """Stochastic depth for training: block i drops its branch with probability rate·i/(depth−1) (the
+        official linear schedule), the final add with ``rate``. Rate 0 puts identities in, so training also
+        takes the fused CPU add + RMSNorm. Changes nothing at inference; ``config`` keeps the built rate."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop-path rate must be in [0, 1), got {rate!r}")
+        for block, r in zip(self.layers, torch.linspace(0, rate, len(self.layers)).tolist()):
+            block.drop_path = DropPath(r) if r > 0 else nn.Identity()
+        self.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
 
     # ---------------------------------------------------------------- pieces a subclass may replace
     def _make_patch_embed(self, img_size, patch_size, stride, in_chans, embed_dim):
