@@ -12,8 +12,8 @@ compare at equal FLOPs. ``random`` is the mean over 5 seeds (its spread is print
 The table's im/s and speed-ups come from one timing of all its rows' models taking turns (fastest of 6
 rounds of one batch); the plots' throughput is each sweep point's own accuracy pass.
 
-On a 2-core CPU machine the whole run takes about 4.5 minutes, 3.5 of them the re-training (15 epochs,
-the recipe that brings ``rmeeto`` back to the baseline's accuracy); ``--retrain-epochs 8`` takes about
+On a 2-core CPU machine the whole run takes 4.5-5.5 minutes, 3.5-4.5 of them the re-training (15
+epochs, the recipe that brings ``rmeeto`` back to the baseline's accuracy); ``--retrain-epochs 8`` takes about
 3 minutes and ends 0-2 points under it. ``--quick`` takes under a minute.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
     teacher on the test split; with it, 8 epochs land 0-2 points under and 15 match the teacher (README,
     ``benchmarks/NOTES.md`` rounds 8-9). Drop-path 0 as Vim-Ti's own training (R-MeeTo keeps the model's
     0.1): over a few hundred steps its noise costs more than its regularisation gives. On 2 cores the
-    15 epochs take ~3.5 minutes, more than the demo's 3-minute budget: ``epochs=8`` fits it.
+    15 epochs take 3.5-4.5 minutes, more than the demo's 3-minute budget: ``epochs=8`` fits it.
 
     It runs in ``processes`` one-thread processes with DDP (default: one per core, at most 2), the global
     batch split between them: on a 2-core machine that is faster than one process with two threads, which
@@ -152,7 +152,8 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
     result = {"model": model_name, "dataset": "digits/test", "flops_reduction": flops_reduction, "quick": quick,
               "rows": [{k: r.get(k) for k in ("method", "top1", "gflops", "flops_saved", "images_per_s", "top5",
                                               "speedup", "final_tokens", "retrain_minutes", "retrain_epochs",
-                                              "retrain_augment", "retrain_drop_path", "retrain_processes", "seeds", "top1_std", "top1_min", "top1_max")
+                                              "retrain_augment", "retrain_drop_path", "retrain_processes", "seeds",
+                                              "top1_std", "top1_min", "top1_max")
                         if r.get(k) is not None} for r in rows],
               "sweep": sweep_rows, "seconds": time.time() - start}
     write_json(out / "results.json", result)
@@ -200,7 +201,7 @@ def add_cli(sub):
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  vimtr demo\n  vimtr demo --quick --out /tmp/demo\n"
                               "  vimtr demo --flops-reduction 0.4\n"
-                              "  vimtr demo --retrain-epochs 8   # ~3 min on 2 cores; ends 0-2 points under the baseline")
+                              "  vimtr demo --retrain-epochs 8   # ~3 min on 2 cores; 0-2 points under the baseline")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     p.add_argument("--flops-reduction", type=float, default=0.3, help="common FLOPs reduction (default 0.3)")
     p.add_argument("--quick", action="store_true",
