@@ -209,6 +209,18 @@ def test_param_groups_skip_norms_biases_and_embeddings():
     assert "head.weight" in {names[id(p)] for p in decay["params"]} and no_decay["weight_decay"] == 0
 
 
+def test_param_groups_of_a_deep_copy_are_the_originals():
+    """copy.deepcopy drops the _no_weight_decay mark on A_log; a deep-copied student (the demo's, the
+    teacher's) must still keep A_log out of weight decay."""
+    import copy
+    model = tiny_model()
+    twin = copy.deepcopy(model)
+    assert not hasattr(twin.layers[0].mixer.A_log, "_no_weight_decay")  # why the class lists the names
+    groups = [[n for n, p in m.named_parameters() if any(p is q for q in g["params"])]
+              for m in (model, twin) for g in recipe.param_groups(m, 0.05)]
+    assert groups[:2] == groups[2:] and "layers.0.mixer.A_b_log" in groups[1]
+
+
 def test_epoch_sampler_shards_repeats_and_skips():
     full = data.EpochSampler(10, 2, seed=3, repeats=3)
     full.set_epoch(1)
@@ -287,3 +299,30 @@ def test_spawn_cpu_joins_a_gloo_group_and_returns_rank_0s_value():
     with pytest.raises(Exception, match="rank 1 failed on purpose"):
         distributed.spawn_cpu(_fails_on_rank_1, 2)
     assert 1 <= distributed.cpu_workers(2) <= 2
+
+
+def test_adamw_is_fused_on_cpu_and_matches_the_per_parameter_loop():
+    """recipe.adamw takes torch's fused kernel (one call for all tensors): same groups, same update as the
+    default loop up to rounding."""
+    import copy
+
+    import vimtr
+    from vimtr.engine import recipe
+
+    model = vimtr.create_model("vim_digits").eval()  # eval: no drop-path draws, the two runs see the same
+    twin = copy.deepcopy(model)
+    fused = recipe.adamw(model, 1e-3, 0.05)
+    loop = torch.optim.AdamW(recipe.param_groups(twin, 0.05), lr=1e-3)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.05, 0.0]
+    x = torch.randn(4, 1, 32, 32)
+    for _ in range(3):  # the same gradients into both (tiny gradients' rounding would flip Adam's steps)
+        model(x).square().mean().backward()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+        fused.zero_grad()
+        loop.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)

@@ -233,7 +233,7 @@ class Trainer:
                 raise UsageError(f"drop_path: {type(net).__name__} has no set_drop_path(); leave drop_path=None")
             net.set_drop_path(s.drop_path)
         net.to(dev).train()
-        self.optimizer = torch.optim.AdamW(recipe.param_groups(net, s.weight_decay), lr=self.lr)
+        self.optimizer = recipe.adamw(net, self.lr, s.weight_decay)
         from timm.scheduler import CosineLRScheduler
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - s.warmup_steps),
                                            lr_min=min_lr, warmup_t=s.warmup_steps, warmup_lr_init=min_lr,

@@ -56,6 +56,11 @@ class BiMamba(nn.Module):
     VideoMamba sums them.
     """
 
+    # Mamba exempts these from weight decay (mamba_ssm marks them ``_no_weight_decay``). The names are
+    # kept on the class as well because ``copy.deepcopy`` drops attributes set on a Parameter, and every
+    # re-trained student here is a deep copy (``vimtr.engine.recipe.param_groups`` reads both).
+    no_weight_decay_params = ("A_log", "D", "A_b_log", "D_b")
+
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init_floor=1e-4, conv_bias=True, bias=False, divide_out=True):
         super().__init__()
@@ -78,8 +83,8 @@ class BiMamba(nn.Module):
         self.dt_proj_b = nn.Linear(R, E, bias=True)
         self.D_b = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, d_model, bias=bias)
-        for p in (self.A_log, self.D, self.A_b_log, self.D_b):
-            p._no_weight_decay = True
+        for name in self.no_weight_decay_params:
+            getattr(self, name)._no_weight_decay = True
         self.init_dt(self.dt_proj, dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
