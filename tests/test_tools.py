@@ -40,6 +40,9 @@ def test_demo_quick_writes_well_formed_results(tmp_path):
     assert rows["rmeeto_retrained"]["retrain_augment"] is True and rows["rmeeto_retrained"]["retrain_drop_path"] == 0.0
     for png in ("acc_vs_flops.png", "acc_vs_throughput.png", "token_maps.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    phases = res["phase_seconds"]
+    assert list(phases) == ["sweep", "retrain", "timing", "figures"] and min(phases.values()) > 0
+    assert sum(phases.values()) <= res["seconds"]
 
 
 def test_bench_json(tmp_path):

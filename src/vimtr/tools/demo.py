@@ -109,6 +109,12 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
     from vimtr.data import digits
 
     start = time.time()
+    phases = {}  # wall seconds of each part, in results.json: where the demo's time goes
+
+    def lap(name, since):
+        phases[name] = time.time() - since
+        return time.time()
+
     torch.manual_seed(0)
     out = Path(out)
     model = vimtr.load_model(model_name).eval()
@@ -120,12 +126,12 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
         f"split ({len(test)} images), {flops_reduction:.0%} FLOPs reduction")
     sweep_rows = sweep_tool.sweep(model, test, METHODS, sorted(set(levels) | {flops_reduction}), progress=progress,
                                   params=SCHEDULE, random_seeds=QUICK["random_seeds"] if quick else sweep_tool.RANDOM_SEEDS)
+    t0 = lap("sweep", start)
     base = sweep_rows[0]
     rows = [base] + [r for r in sweep_rows[1:] if abs(r["level"] - flops_reduction) < 1e-9]
 
     log(f"re-training rmeeto for {epochs} epoch(s) with distillation from the unreduced model"
         f"{' on augmented images' if retrain_augment else ''} ...")
-    t0 = time.time()
     student, summary = retrain_rmeeto(model_name, flops_reduction, epochs, progress=progress, lr=retrain_lr,
                                       batch_size=retrain_batch_size, augment=retrain_augment,
                                       drop_path=retrain_drop_path,
@@ -137,8 +143,10 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
                      retrain_processes=summary["processes"], retrain_augment=retrain_augment,
                      retrain_drop_path=retrain_drop_path)
     rows.append(retrained)
+    t1 = lap("retrain", t0)
     rows = [dict(r) for r in rows]  # the table's copies: the plots keep each point's own timing
     time_table_rows(rows, model, student, flops_reduction, rounds=QUICK["timing_rounds"] if quick else TIMING_ROUNDS)
+    t1 = lap("timing", t1)
 
     sweep_tool.plot(sweep_rows, out / "acc_vs_flops.png", out / "acc_vs_throughput.png",
                     title=f"{model_name} on digits (training-free; ★ = unreduced)",
@@ -155,11 +163,13 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
                                               "retrain_augment", "retrain_drop_path", "retrain_processes", "seeds",
                                               "top1_std", "top1_min", "top1_max")
                         if r.get(k) is not None} for r in rows],
-              "sweep": sweep_rows, "seconds": time.time() - start}
+              "sweep": sweep_rows}
+    lap("figures", t1)
+    result.update(seconds=time.time() - start, phase_seconds=phases)
     write_json(out / "results.json", result)
     log(format_table(rows))
     log(f"wrote {out}/results.json, acc_vs_flops.png, acc_vs_throughput.png, token_maps.png "
-        f"({result['seconds']:.0f} s)")
+        f"({result['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()) + ")")
     return result
 
 
