@@ -45,7 +45,7 @@ QUICK = {"random_seeds": 3, "train_fraction": 0.5, "timing_rounds": 3}
 def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAIN["epochs"], seed: int = 0,
                    progress=True, lr: float = RETRAIN["lr"], batch_size: int = RETRAIN["batch_size"],
                    train_fraction: float = 1.0, augment: bool = RETRAIN["augment"],
-                   drop_path: float | None = RETRAIN["drop_path"], processes: int | None = None):
+                   drop_path: float | None = RETRAIN["drop_path"], processes: int | None = None, model=None):
     """R-MeeTo's recipe in miniature: a reduced copy of the bundled model learns from labels + the
     unreduced teacher on the digits train split. Returns (the re-trained student in eval mode, a summary).
 
@@ -61,7 +61,8 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
     It runs in ``processes`` one-thread processes with DDP (default: one per core, at most 2), the global
     batch split between them: on a 2-core machine that is faster than one process with two threads, which
     small batches use poorly. Call it under ``if __name__ == "__main__":`` in a script (the processes are
-    spawned)."""
+    spawned). ``model``: the unreduced model already loaded in this process, to build the returned
+    student from (default: load ``model_name`` again)."""
     from vimtr.engine import distributed
 
     world = distributed.cpu_workers(RETRAIN["processes"] if processes is None else processes)
@@ -76,7 +77,8 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
         weights = str(Path(tmp) / "student.safetensors")
         summary = distributed.spawn_cpu(_retrain_worker, world, model_name, flops_reduction, settings, augment,
                                         weights)
-        student = vimtr.reduce(vimtr.load_model(model_name), "rmeeto", flops_reduction=flops_reduction, **SCHEDULE)
+        base = vimtr.load_model(model_name) if model is None else vimtr.restore(copy.deepcopy(model))
+        student = vimtr.reduce(base, "rmeeto", flops_reduction=flops_reduction, **SCHEDULE)
         student.load_state_dict(load_file(weights))
     summary["processes"] = world
     return student.eval(), summary
@@ -136,7 +138,7 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
                                       batch_size=retrain_batch_size, augment=retrain_augment,
                                       drop_path=retrain_drop_path,
                                       train_fraction=QUICK["train_fraction"] if quick else 1.0,
-                                      processes=retrain_processes)
+                                      processes=retrain_processes, model=model)
     retrained = sweep_tool.measure(student, test, "rmeeto", {**SCHEDULE, "flops_reduction": flops_reduction},
                                    base=base)
     retrained.update(method="rmeeto_retrained", retrain_minutes=(time.time() - t0) / 60, retrain_epochs=epochs,
