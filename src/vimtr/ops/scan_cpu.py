@@ -51,6 +51,13 @@ Why it is shaped the way it is (every number below was measured, see benchmarks/
   resident) instead of storing (Bt, E, L, N) states in the forward: no memory cost for inference and
   ~one extra forward of work in the backward. The reductions over channels (dB, dC) go to one partial
   buffer per chunk, summed afterwards; those over batch (dA, dD, d delta_bias) to per-row buffers.
+* **The N = 16 backward keeps a row's 16 states in one LLVM vector** (``_Vec16``, a numba type with
+  loads, stores and arithmetic as intrinsics). With run-time N, LLVM vectorises the state loops 32 at
+  a time and N = 16 only ever ran their 4-wide remainder; with N fixed, the unrolled loops stay scalar
+  (it cannot prove the arrays apart). Explicit vectors were 2.4-3.5x faster per call (Vim-Ti and the
+  demo's shapes). Work that is per token rather than per state (gate, softplus derivative, D, the sums
+  into du and ddelta) runs in passes over L outside the recurrences, and the decays are one flat exp
+  pass over L·16 before them. Other N use the generic loop kernel.
 
 Dtypes: float32 and float64 are computed natively (float64 in float64, unlike the reference, which
 computes everything in float32). float16/bfloat16 are upcast to float32, like the reference does, and
@@ -63,6 +70,7 @@ spends a few seconds compiling, later processes load them.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -72,7 +80,8 @@ import torch
 import torch.nn.functional as F
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba.core import cgutils
+from numba.extending import intrinsic, models, overload, register_model
 
 from vimtr.ops.selective_scan import selective_scan_ref
 
@@ -682,6 +691,252 @@ def _backward(lo, hi, chunk, L, u, su, dl, sd, A, a, a_ok, Bt, Ct, D, zf, sz, bi
         dbias_rows[b, e] = db_acc
 
 
+# ------------------------------------------------------------------------- 16-wide vectors (backward)
+# The backward's state loops run over N = 16 with run-time N, and LLVM vectorises them with a main body
+# of 32 (16 lanes x 2 interleaved) that N = 16 never enters: every state loop ran in its 4-wide epilogue,
+# behind run-time alias checks, at every token (read from the IR). Fixing N at compile time instead gets
+# the loops fully unrolled and then left scalar, as the SLP vectoriser cannot prove the unrolled loads
+# and stores independent (round 8: 2x slower). So the N = 16 backward holds a row's 16 states in one
+# LLVM vector value, a numba type of its own with a few operators, loaded and stored whole: the states
+# stay in registers across tokens and there is nothing left for the vectorisers to decide.
+class _Vec16(types.Type):
+    """16 values of one float dtype as one LLVM vector (<16 x float>: two AVX2 registers)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        super().__init__(name=f"Vec16({dtype})")
+
+
+@register_model(_Vec16)
+class _Vec16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), 16))
+
+
+_VEC_FLAGS = tuple(sorted(_FM_KERNEL))  # the kernels' own fast-math flags (reassociation, FMA contraction)
+
+
+def _vec_ptr(context, builder, aryty, ary, i, ity):
+    data = context.make_array(aryty)(context, builder, ary).data
+    p = builder.gep(data, [context.cast(builder, i, ity, types.intp)])
+    return builder.bitcast(p, context.get_value_type(_Vec16(aryty.dtype)).as_pointer())
+
+
+@intrinsic
+def _vload(typingctx, ary, i):
+    """ary's elements i .. i+15 (flat index into a C-contiguous array) as one vector."""
+    if isinstance(ary, types.Array) and ary.layout == "C" and isinstance(i, types.Integer):
+        vt = _Vec16(ary.dtype)
+
+        def codegen(context, builder, sig, args):
+            ptr = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            return builder.load(ptr, align=context.get_abi_sizeof(context.get_value_type(ary.dtype)))
+        return vt(ary, i), codegen
+    return None
+
+
+@intrinsic
+def _vstore(typingctx, ary, i, v):
+    """ary[i:i+16] = v."""
+    if (isinstance(ary, types.Array) and ary.layout == "C" and isinstance(i, types.Integer)
+            and v == _Vec16(ary.dtype)):
+        def codegen(context, builder, sig, args):
+            ptr = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            builder.store(args[2], ptr, align=context.get_abi_sizeof(context.get_value_type(ary.dtype)))
+            return context.get_dummy_value()
+        return types.none(ary, i, v), codegen
+    return None
+
+
+@intrinsic
+def _vsplat(typingctx, x, like):
+    """x in all 16 lanes, in the dtype of the vector ``like``."""
+    if isinstance(like, _Vec16) and isinstance(x, (types.Float, types.Integer)):
+        def codegen(context, builder, sig, args):
+            vty = context.get_value_type(like)
+            s = context.cast(builder, args[0], sig.args[0], like.dtype)
+            v = builder.insert_element(ir.Constant(vty, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
+                                          ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+        return like(x, like), codegen
+    return None
+
+
+@intrinsic
+def _vzeros(typingctx, ary):
+    """16 zeros of ary's dtype."""
+    if isinstance(ary, types.Array):
+        vt = _Vec16(ary.dtype)
+
+        def codegen(context, builder, sig, args):
+            return ir.Constant(context.get_value_type(vt), None)
+        return vt(ary), codegen
+    return None
+
+
+@intrinsic
+def _vsum(typingctx, v):
+    """Σ of the 16 lanes (a reassociated tree: shuffles and adds)."""
+    if isinstance(v, _Vec16):
+        def codegen(context, builder, sig, args):
+            sty = context.get_value_type(v.dtype)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(sty, [sty, args[0].type]),
+                                                f"llvm.vector.reduce.fadd.v16f{v.dtype.bitwidth}")
+            return builder.call(fn, [ir.Constant(sty, 0.0), args[0]], fastmath=_VEC_FLAGS)
+        return v.dtype(v), codegen
+    return None
+
+
+def _vec_binop(opname):
+    @intrinsic
+    def op(typingctx, x, y):
+        if isinstance(x, _Vec16) and x == y:
+            def codegen(context, builder, sig, args):
+                return getattr(builder, opname)(args[0], args[1], flags=_VEC_FLAGS)
+            return x(x, y), codegen
+        return None
+    return op
+
+
+_vadd, _vsub, _vmul = _vec_binop("fadd"), _vec_binop("fsub"), _vec_binop("fmul")
+
+
+def _vec_operator(vop):
+    """Typer for a vector operator: vector ∘ vector, and a scalar on either side (broadcast)."""
+    def typer(x, y):
+        if isinstance(x, _Vec16) and x == y:
+            return lambda x, y: vop(x, y)
+        if isinstance(x, _Vec16) and isinstance(y, (types.Float, types.Integer)):
+            return lambda x, y: vop(x, _vsplat(y, x))
+        if isinstance(y, _Vec16) and isinstance(x, (types.Float, types.Integer)):
+            return lambda x, y: vop(_vsplat(x, y), y)
+        return None
+    return typer
+
+
+overload(operator.add)(_vec_operator(_vadd))
+overload(operator.sub)(_vec_operator(_vsub))
+overload(operator.mul)(_vec_operator(_vmul))
+
+
+@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+def _backward_n16(lo, hi, chunk, L, u, su, dl, sd, A, a, a_ok, Bt, Ct, D, zf, sz, bias, has_D, has_z, has_bias,
+                  softplus, go, sg, dlast, has_dlast, sgo, du, ddl, dz, dA_rows, dD_rows, dbias_rows,
+                  dB_part, dC_part):
+    """:func:`_backward` for N = 16, the states of a row in one vector (see _Vec16). Everything that is
+    per token rather than per state (the gate, the softplus derivative, the D path, the sums into du and
+    ddelta) is taken out of the recurrences into passes over L that vectorise over tokens; the decays
+    are one flat pass over L·16 with the scalar exp, which LLVM vectorises, so the fast and the any-input
+    exp differ in that pass only."""
+    _, E, N = dA_rows.shape
+    Bn = dB_part.shape[1]
+    dtype = dA_rows.dtype
+    zero = dtype.type(0)
+    one = dtype.type(1)
+    thr = dtype.type(20)
+    xb = np.empty(L, dtype)       # delta + bias (the softplus input)
+    dtb = np.empty(L, dtype)      # Δ
+    ub = np.empty(L, dtype)
+    zb = np.empty(L, dtype)
+    gb = np.empty(L, dtype)       # incoming gradient of the row
+    yb = np.empty(L, dtype)       # Σ_n C·h (for dz)
+    dyb = np.empty(L, dtype)      # ∂loss/∂y before the gate
+    dut = np.empty(L, dtype)      # Δ·u
+    sbb = np.empty(L, dtype)      # Σ_n g_n·B_n per token
+    sab = np.empty(L, dtype)      # Σ_n ∂loss/∂(Δ·A_n)·A_n per token
+    dub = np.empty(L, dtype)
+    ddb = np.empty(L, dtype)
+    dzb = np.empty(L, dtype)
+    H = np.empty((L + 1) * 16, dtype)  # H[16(t+1):] = h_t, H[:16] = 0
+    DA = np.empty(L * 16, dtype)       # decays exp(Δ_t·A)
+    for i in range(lo, hi):
+        b = i // E
+        e = i - b * E
+        bse = bias[e] if has_bias else zero
+        De = D[e] if has_D else zero
+        d0 = sd[0] + b * sd[1] + e * sd[2]
+        nbad = _delta_row(dl, d0, sd[3], bse, softplus, dtb)
+        if not a_ok:
+            nbad += one
+        if softplus:
+            _load_row(dl, d0, sd[3], xb)
+            for t in range(L):
+                xb[t] = xb[t] + bse
+        _load_row(u, su[0] + b * su[1] + e * su[2], su[3], ub)
+        _load_row(go, sg[0] + b * sg[1] + e * sg[2], sg[3], gb)
+        if has_z:
+            _load_row(zf, sz[0] + b * sz[1] + e * sz[2], sz[3], zb)
+        ob = b * L * 16              # token 0 of batch b in Bt, Ct (Bn, L, 16)
+        op = (chunk * Bn + b) * L * 16  # token 0 of batch b in this chunk's dB_part, dC_part
+        ae = _vload(a, e * 16)
+        Ae = _vload(A, e * 16)
+        # Decays: Δ_t·a for all tokens, then the exp as one flat vectorisable pass.
+        for t in range(L):
+            _vstore(DA, t * 16, dtb[t] * ae)
+        if nbad == 0:
+            for k in range(L * 16):
+                DA[k] = _decay_fast(DA[k])
+        else:
+            for k in range(L * 16):
+                DA[k] = _decay_any(DA[k])
+        for t in range(L):
+            dut[t] = dtb[t] * ub[t]
+        # Recompute the row's states (the forward's arithmetic).
+        h = _vzeros(H)
+        _vstore(H, 0, h)
+        for t in range(L):
+            h = _vload(DA, t * 16) * h + dut[t] * _vload(Bt, ob + t * 16)
+            _vstore(H, (t + 1) * 16, h)
+            if has_z:
+                yb[t] = _vsum(h * _vload(Ct, ob + t * 16))
+        if has_z:
+            for t in range(L):
+                zz = zb[t]
+                sgm = _sigmoid(zz)
+                dyb[t] = gb[t] * zz * sgm
+                dzb[t] = gb[t] * (yb[t] + De * ub[t]) * sgm * (one + zz * (one - sgm))
+        else:
+            for t in range(L):
+                dyb[t] = gb[t]
+        # Backward recurrence, t = L-1 .. 0: g = ∂loss/∂h_t.
+        g = _vload(dlast, (b * E + e) * 16) if has_dlast else _vzeros(H)
+        gA = _vzeros(H)
+        for tt in range(L):  # (numba compiles a negative-step range ~35% slower here)
+            t = L - 1 - tt
+            dy = dyb[t]
+            g = g + dy * _vload(Ct, ob + t * 16)  # from y_t, plus what flowed back from h_{t+1}
+            p = op + t * 16
+            _vstore(dC_part, p, _vload(dC_part, p) + dy * _vload(H, (t + 1) * 16))  # C enters y_t = Σ C·h_t
+            _vstore(dB_part, p, _vload(dB_part, p) + dut[t] * g)  # B enters through Δ·u·B
+            sbb[t] = _vsum(g * _vload(Bt, ob + t * 16))
+            dA_t = _vload(DA, t * 16)
+            q = g * _vload(H, t * 16) * dA_t  # ∂loss/∂(Δ·A_n): to A, to Δ, and on to h_{t-1}
+            sab[t] = _vsum(q * Ae)
+            gA = gA + dtb[t] * q
+            g = g * dA_t
+        dD_acc = zero
+        for t in range(L):
+            dub[t] = dyb[t] * De + sbb[t] * dtb[t]
+            dD_acc += dyb[t] * ub[t]
+        for t in range(L):
+            ddb[t] = sab[t] + sbb[t] * ub[t]
+        if softplus:
+            for t in range(L):
+                x = xb[t]
+                ddb[t] = ddb[t] * _sigmoid(x) if x <= thr else ddb[t]
+        db_acc = zero
+        for t in range(L):
+            db_acc += ddb[t]
+        o0 = sgo[0] + b * sgo[1] + e * sgo[2]
+        _store_row(du, o0, sgo[3], dub)
+        _store_row(ddl, o0, sgo[3], ddb)
+        if has_z:
+            _store_row(dz, o0, sgo[3], dzb)
+        _vstore(dA_rows, (b * E + e) * 16, gA)
+        dD_rows[b, e] = dD_acc
+        dbias_rows[b, e] = db_acc
+
+
 # ------------------------------------------------------------------------------------------- threads
 _pool: ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] | None = None
@@ -861,8 +1116,10 @@ def _backward_impl(saved, delta_softplus, reverse, dout, dlast):
     outs = (du.view(-1).numpy(), ddelta.view(-1).numpy(), dz.view(-1).numpy(), dA_rows.numpy(),
             dD_rows.numpy(), dbias_rows.numpy(), dB_part.numpy(), dC_part.numpy())
 
+    kernel = _backward_n16 if N == 16 else _backward  # see _Vec16
+
     def call(lo, hi, chunk):
-        _backward(lo, hi, chunk, L, uf, su, df, sd, An, a, a_ok, Bt, Ct, Dn, zf, sz, bn, has_D, has_z, has_bias,
+        kernel(lo, hi, chunk, L, uf, su, df, sd, An, a, a_ok, Bt, Ct, Dn, zf, sz, bn, has_D, has_z, has_bias,
                   bool(delta_softplus), gf, sg, dl, has_dlast, sgo, *outs)
 
     _run_rows(call, rows, work)
