@@ -26,6 +26,11 @@ Why it is shaped the way it is (every number below was measured, see benchmarks/
   float64 (used by the gradient checks) uses ``math.exp``: exact, not fast.
 * **N fixed at compile time for N = 16** (Vim's d_state): LLVM then unrolls the state loop into two
   AVX2 registers with no remainder code (+19% on the forward). Other N use the generic kernel.
+* **The N = 16 forward's y_t = Σ_n C·h is summed 16 tokens at a time.** A horizontal sum per token
+  (four shuffles and four adds) cost 36% of the recurrence; the recurrence keeps h in one vector
+  (``_Vec16``, below), stores the 16 products C_t·h_t per token, and one shuffle tree per 16 tokens
+  sums them (``_vsum16``, in the same order per lane, so the same bits). 1.15x per call at Vim-Ti,
+  1.1x at the demo's shapes; the exp (12 vector ops per token) is most of what remains.
 * **softplus, D and the SiLU(z) gate are fused** as per-row passes over L before/after the recurrence,
   written with the same polynomial exp (and a series log1p) so they vectorise too; leaving them to
   torch (four extra passes over (Bt, E, L) tensors) makes the call 1.7-1.9x slower at Vim-Ti batch 8.
@@ -433,8 +438,11 @@ def _add_row_reversed(dst, src):
         dst[L - 1 - t] += src[t]
 
 
-def _build_forward(nfix):
-    """The forward kernel; ``nfix`` > 0 fixes N at compile time (LLVM then fully unrolls the state loop)."""
+def _build_forward(nfix, vector=False):
+    """The forward kernel; ``nfix`` > 0 fixes N at compile time (LLVM then fully unrolls the state loop).
+    ``vector`` (N = 16 only) runs each row's recurrence in 16-wide vectors (:func:`_scan_row_n16`);
+    without it N = 16 gets the loop kernel it had before (benchmarks/scan_forward.py compares them)."""
+    vec16 = vector and nfix == 16
 
     @njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
     def forward(lo, hi, L, u, su, dl, sd, a, a_ok, Bt, Ct, D, zf, sz, bias, has_D, has_z, has_bias, softplus,
@@ -459,6 +467,9 @@ def _build_forward(nfix):
         yb = np.empty(L, dtype)
         gb = np.empty(L, dtype)
         h = np.empty(N, dtype)
+        Lp = -(-L // 16) * 16 if vec16 else 0  # the vector path's scratch: one row, padded to 16 tokens
+        P16 = np.empty(Lp * 16, dtype)
+        ys16 = np.empty(Lp, dtype)
         i = lo
         while i < hi:
             b = i // E
@@ -506,7 +517,9 @@ def _build_forward(nfix):
                     yr = yb
                 for n in range(N):
                     h[n] = zero
-                if nbad == 0:
+                if vec16:
+                    _scan_row_n16(dtb, ur, a, e, Bt, b, Ct, nbad, P16, ys16, yr, last)
+                elif nbad == 0:
                     # Δ·A ≤ 0 everywhere: the decay exp needs only its underflow clamp.
                     for t in range(L):
                         d = dtb[t]
@@ -558,8 +571,9 @@ def _build_forward(nfix):
                         _emit_gated_row(of, o0, so[3], yr, gb, accumulate, scale)
                 elif not tile_o and not in_place:
                     _emit_row(of, o0, so[3], yr, accumulate, scale)
-                for n in range(N):
-                    last[b, e, n] = h[n]
+                if not vec16:
+                    for n in range(N):
+                        last[b, e, n] = h[n]
             if tile_o:
                 _store_tile(of, so[0] + b * so[1] + e0 * so[2], so[2], so[3], gw, L, Yt, accumulate, scale)
             i += gw
@@ -567,7 +581,7 @@ def _build_forward(nfix):
     return forward
 
 
-_forward_n16 = _build_forward(16)
+_forward_n16 = _build_forward(16, vector=True)
 _forward_any = _build_forward(0)
 
 
@@ -691,7 +705,7 @@ def _backward(lo, hi, chunk, L, u, su, dl, sd, A, a, a_ok, Bt, Ct, D, zf, sz, bi
         dbias_rows[b, e] = db_acc
 
 
-# ------------------------------------------------------------------------- 16-wide vectors (backward)
+# ------------------------------------------------------------------------- 16-wide vectors (N = 16)
 # The backward's state loops run over N = 16 with run-time N, and LLVM vectorises them with a main body
 # of 32 (16 lanes x 2 interleaved) that N = 16 never enters: every state loop ran in its 4-wide epilogue,
 # behind run-time alias checks, at every token (read from the IR). Fixing N at compile time instead gets
@@ -787,6 +801,40 @@ def _vsum(typingctx, v):
     return None
 
 
+@intrinsic
+def _vsum16(typingctx, ary, i):
+    """The lane sums of the 16 vectors ary[i + 16k : i + 16k + 16], k < 16, as one vector (lane k: Σ of
+    vector k). A tree of 15 two-vector steps (two shuffles and one add each) instead of 16 separate
+    horizontal sums (four shuffles and four adds each): the per-token sum of the forward cost it 36%.
+    Each lane is summed in the order llvm.vector.reduce.fadd uses (halves, then quarters, ...), so the
+    bits are :func:`_vsum`'s."""
+    if isinstance(ary, types.Array) and ary.layout == "C" and isinstance(i, types.Integer):
+        vt = _Vec16(ary.dtype)
+
+        def codegen(context, builder, sig, args):
+            vty = context.get_value_type(vt)
+            align = context.get_abi_sizeof(context.get_value_type(ary.dtype))
+            vs = []
+            for k in range(16):
+                ik = builder.add(args[1], ir.Constant(args[1].type, 16 * k))
+                vs.append(builder.load(_vec_ptr(context, builder, sig.args[0], args[0], ik, sig.args[1]), align=align))
+            w = 16  # lanes per token in each vector: 16 tokens' partial sums halve in width at every level
+            while len(vs) > 1:
+                h, t = w // 2, 16 // w
+                lo = [g * w + j for g in range(t) for j in range(h)]
+                hi = [g * w + h + j for g in range(t) for j in range(h)]
+                nxt = []
+                for a, b in zip(vs[::2], vs[1::2]):
+                    ma = ir.Constant(ir.VectorType(ir.IntType(32), 16), lo + [16 + x for x in lo])
+                    mb = ir.Constant(ir.VectorType(ir.IntType(32), 16), hi + [16 + x for x in hi])
+                    nxt.append(builder.fadd(builder.shuffle_vector(a, b, ma), builder.shuffle_vector(a, b, mb),
+                                            flags=_VEC_FLAGS))
+                vs, w = nxt, h
+            return vs[0]
+        return vt(ary, i), codegen
+    return None
+
+
 def _vec_binop(opname):
     @intrinsic
     def op(typingctx, x, y):
@@ -799,6 +847,53 @@ def _vec_binop(opname):
 
 
 _vadd, _vsub, _vmul = _vec_binop("fadd"), _vec_binop("fsub"), _vec_binop("fmul")
+
+
+def _vec_intrinsic(builder, name, vty, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * len(args)), name)
+    return builder.call(fn, args)
+
+
+@intrinsic
+def _vfma(typingctx, x, y, w):
+    """x·y + w in each lane with one rounding (llvm.fma). The forward recurrence h = dA·h + Δu·B is
+    written with it so that its loop-carried path is one FMA: left to contraction, LLVM fused Δu·B
+    instead and kept dA·h as a separate multiply, a multiply and an FMA per token on the chain."""
+    if isinstance(x, _Vec16) and x == y == w:
+        def codegen(context, builder, sig, args):
+            return _vec_intrinsic(builder, f"llvm.fma.v16f{x.dtype.bitwidth}", context.get_value_type(x), args)
+        return x(x, y, w), codegen
+    return None
+
+
+@intrinsic
+def _vdecay_fast(typingctx, y):
+    """:func:`_decay_fast` in all 16 lanes: for float32 the instructions of :func:`_exp2_nonpos_f32`
+    (clamp as numba's ``max``, magic-number rounding, the same FMA chain, the exponent added as an
+    integer), so the same bits in vector registers; for float64 llvm.exp per lane (math.exp's)."""
+    if isinstance(y, _Vec16) and y.dtype in (types.float32, types.float64):
+        def codegen(context, builder, sig, args):
+            vty = context.get_value_type(y)
+            if y.dtype == types.float64:
+                return _vec_intrinsic(builder, "llvm.exp.v16f64", vty, args)
+
+            def c(x):
+                return ir.Constant(vty, [float(x)] * 16)
+            # Explicit flags: numba gives the kernel's own (reassoc) to every fp instruction that has none,
+            # and reassociation would cancel y - ((y + M) - M) to 0.
+            fl = tuple(_FM_EXACT)
+            i32v = ir.VectorType(ir.IntType(32), 16)
+            x = args[0]
+            x = builder.select(builder.fcmp_ordered(">", c(_YMIN), x, flags=fl), c(_YMIN), x)  # max(y, _YMIN)
+            t = builder.fadd(x, c(_MAGIC), flags=fl)
+            f = builder.fsub(x, builder.fsub(t, c(_MAGIC), flags=fl), flags=fl)
+            p = c(_P5)
+            for k in (_P4, _P3, _P2, _P1, _ONE):
+                p = _vec_intrinsic(builder, "llvm.fma.v16f32", vty, [p, f, c(k)])
+            k23 = builder.shl(builder.bitcast(t, i32v), ir.Constant(i32v, [23] * 16))
+            return builder.bitcast(builder.add(builder.bitcast(p, i32v), k23), vty)
+        return y(y), codegen
+    return None
 
 
 def _vec_operator(vop):
@@ -817,6 +912,41 @@ def _vec_operator(vop):
 overload(operator.add)(_vec_operator(_vadd))
 overload(operator.sub)(_vec_operator(_vsub))
 overload(operator.mul)(_vec_operator(_vmul))
+
+
+@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+def _scan_row_n16(dtb, ur, a, e, Bt, b, Ct, nbad, P, ys, yr, last):
+    """The forward recurrence of row (b, e) for N = 16, the states in one vector (see _Vec16):
+    yr[t] = Σ_n C_t[n]·h_t[n], and h_{L-1} into last[b, e]. P (≥ L·16, a multiple of 256) and ys (≥ L,
+    a multiple of 16) are scratch."""
+    L = dtb.shape[0]
+    E = last.shape[1]
+    ae = _vload(a, e * 16)
+    ob = b * L * 16  # token 0 of batch b in Bt, Ct (Bn, L, 16)
+    h = _vzeros(P)
+    if nbad == 0:
+        # Δ·A ≤ 0 everywhere: the decays in registers, in the loop. The exp is throughput work that does
+        # not depend on h, so the out-of-order core overlaps it with the one-FMA chain of the recurrence.
+        for t in range(L):
+            d = dtb[t]
+            h = _vfma(_vdecay_fast(d * ae), h, (d * ur[t]) * _vload(Bt, ob + t * 16))
+            _vstore(P, t * 16, h * _vload(Ct, ob + t * 16))
+    else:
+        # Any input: the decays first, one flat pass over L·16 with the scalar _decay_any (vectorised).
+        for t in range(L):
+            _vstore(P, t * 16, dtb[t] * ae)
+        for k in range(L * 16):
+            P[k] = _decay_any(P[k])
+        for t in range(L):
+            h = _vfma(_vload(P, t * 16), h, (dtb[t] * ur[t]) * _vload(Bt, ob + t * 16))
+            _vstore(P, t * 16, h * _vload(Ct, ob + t * 16))
+    # y_t = Σ_n C_t[n]·h_t[n]: the products of 16 tokens at a time summed by one tree (P is padded to a
+    # multiple of 16 tokens; the lanes of the tokens past L are never read).
+    for t0 in range(0, L, 16):
+        _vstore(ys, t0, _vsum16(P, t0 * 16))
+    for t in range(L):
+        yr[t] = ys[t]
+    _vstore(last, (b * E + e) * 16, h)
 
 
 @njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
