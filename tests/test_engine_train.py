@@ -293,11 +293,19 @@ def _fails_on_rank_1():
     return {}
 
 
-def test_spawn_cpu_joins_a_gloo_group_and_returns_rank_0s_value():
-    assert distributed.spawn_cpu(_rank_sum, 2, 10.0) == {"sum": 30.0, "world": 2, "threads": 1}
-    assert distributed.spawn_cpu(_rank_sum, 1, 10.0)["sum"] == 10.0  # in this process, no group
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_spawn_cpu_joins_a_gloo_group_and_returns_rank_0s_value(method):
+    if method == "fork":  # the default on Linux; after this process has run kernels on two threads
+        assert distributed.default_start_method() == ("fork" if sys.platform.startswith("linux") else "spawn")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        torch.randn(256, 256) @ torch.randn(256, 256)
+        torch.set_num_threads(threads)
+    run = lambda *a: distributed.spawn_cpu(*a, start_method=method)
+    assert run(_rank_sum, 2, 10.0) == {"sum": 30.0, "world": 2, "threads": 1}
+    assert run(_rank_sum, 1, 10.0)["sum"] == 10.0  # in this process, no group
     with pytest.raises(Exception, match="rank 1 failed on purpose"):
-        distributed.spawn_cpu(_fails_on_rank_1, 2)
+        run(_fails_on_rank_1, 2)
     assert 1 <= distributed.cpu_workers(2) <= 2
 
 
