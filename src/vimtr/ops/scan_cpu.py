@@ -585,6 +585,32 @@ _forward_n16 = _build_forward(16, vector=True)
 _forward_any = _build_forward(0)
 
 
+@njit(nogil=True, error_model="numpy", cache=True)
+def _backward_row_inputs(i, E, L, u, su, dl, sd, a_ok, D, zf, sz, bias, has_D, has_z, has_bias, softplus, go, sg,
+                         dtb, xb, ub, gb, zb):
+    """A backward row's inputs (both backward kernels): Δ into dtb, the softplus input into xb, u, the
+    incoming gradient and z into their row buffers. Returns (b, e, delta_bias[e], D[e], nbad)."""
+    dtype = dtb.dtype
+    zero = dtype.type(0)
+    b = i // E
+    e = i - b * E
+    bse = bias[e] if has_bias else zero
+    De = D[e] if has_D else zero
+    d0 = sd[0] + b * sd[1] + e * sd[2]
+    nbad = _delta_row(dl, d0, sd[3], bse, softplus, dtb)
+    if not a_ok:
+        nbad += dtype.type(1)
+    if softplus:
+        _load_row(dl, d0, sd[3], xb)
+        for t in range(L):
+            xb[t] = xb[t] + bse
+    _load_row(u, su[0] + b * su[1] + e * su[2], su[3], ub)
+    _load_row(go, sg[0] + b * sg[1] + e * sg[2], sg[3], gb)
+    if has_z:
+        _load_row(zf, sz[0] + b * sz[1] + e * sz[2], sz[3], zb)
+    return b, e, bse, De, nbad
+
+
 @njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
 def _backward(lo, hi, chunk, L, u, su, dl, sd, A, a, a_ok, Bt, Ct, D, zf, sz, bias, has_D, has_z, has_bias,
               softplus, go, sg, dlast, has_dlast, sgo, du, ddl, dz, dA_rows, dD_rows, dbias_rows,
@@ -611,22 +637,8 @@ def _backward(lo, hi, chunk, L, u, su, dl, sd, A, a, a_ok, Bt, Ct, D, zf, sz, bi
     g = np.empty(N, dtype)           # running ∂loss/∂h_t
     gA = np.empty(N, dtype)
     for i in range(lo, hi):
-        b = i // E
-        e = i - b * E
-        bse = bias[e] if has_bias else zero
-        De = D[e] if has_D else zero
-        d0 = sd[0] + b * sd[1] + e * sd[2]
-        nbad = _delta_row(dl, d0, sd[3], bse, softplus, dtb)
-        if not a_ok:
-            nbad += one
-        if softplus:
-            _load_row(dl, d0, sd[3], xb)
-            for t in range(L):
-                xb[t] = xb[t] + bse
-        _load_row(u, su[0] + b * su[1] + e * su[2], su[3], ub)
-        _load_row(go, sg[0] + b * sg[1] + e * sg[2], sg[3], gb)
-        if has_z:
-            _load_row(zf, sz[0] + b * sz[1] + e * sz[2], sz[3], zb)
+        b, e, bse, De, nbad = _backward_row_inputs(i, E, L, u, su, dl, sd, a_ok, D, zf, sz, bias, has_D, has_z,
+                                                   has_bias, softplus, go, sg, dtb, xb, ub, gb, zb)
         Bb = Bt[b]
         Cb = Ct[b]
         dBp = dB_part[chunk, b]
@@ -980,22 +992,8 @@ def _backward_n16(lo, hi, chunk, L, u, su, dl, sd, A, a, a_ok, Bt, Ct, D, zf, sz
     H = np.empty((L + 1) * 16, dtype)  # H[16(t+1):] = h_t, H[:16] = 0
     DA = np.empty(L * 16, dtype)       # decays exp(Δ_t·A)
     for i in range(lo, hi):
-        b = i // E
-        e = i - b * E
-        bse = bias[e] if has_bias else zero
-        De = D[e] if has_D else zero
-        d0 = sd[0] + b * sd[1] + e * sd[2]
-        nbad = _delta_row(dl, d0, sd[3], bse, softplus, dtb)
-        if not a_ok:
-            nbad += one
-        if softplus:
-            _load_row(dl, d0, sd[3], xb)
-            for t in range(L):
-                xb[t] = xb[t] + bse
-        _load_row(u, su[0] + b * su[1] + e * su[2], su[3], ub)
-        _load_row(go, sg[0] + b * sg[1] + e * sg[2], sg[3], gb)
-        if has_z:
-            _load_row(zf, sz[0] + b * sz[1] + e * sz[2], sz[3], zb)
+        b, e, bse, De, nbad = _backward_row_inputs(i, E, L, u, su, dl, sd, a_ok, D, zf, sz, bias, has_D, has_z,
+                                                   has_bias, softplus, go, sg, dtb, xb, ub, gb, zb)
         ob = b * L * 16              # token 0 of batch b in Bt, Ct (Bn, L, 16)
         op = (chunk * Bn + b) * L * 16  # token 0 of batch b in this chunk's dB_part, dC_part
         ae = _vload(a, e * 16)
