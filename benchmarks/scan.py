@@ -67,6 +67,31 @@ def timeit(fn, reps: int, warmup: int = 1, max_seconds: float | None = None) -> 
     return rec
 
 
+def alternate_ab(fn, use, rounds: int, reps: int) -> str:
+    """The loop kernel (``use(False)``) against the vector one (``use(True)``), taking turns: one warm-up
+    call each, then ``rounds`` rounds of ``reps`` calls, the order flipped every round; ``fn`` may return
+    the seconds to count as a float (else its wall time counts). Leaves the vector kernel selected. Returns a line with
+    the fastest and median ms of each and their ratios (scan_backward.py, scan_forward.py)."""
+    times = {False: [], True: []}
+    for v in (False, True):
+        use(v)
+        fn()
+    for r in range(rounds):
+        for v in ((False, True) if r % 2 == 0 else (True, False)):
+            use(v)
+            t = 0.0
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                s = fn()
+                t += s if isinstance(s, float) else time.perf_counter() - t0
+            times[v].append(t / reps * 1e3)
+    use(True)
+    old, new = times[False], times[True]
+    return (f"loop {min(old):8.2f} / {statistics.median(old):8.2f} ms   vector {min(new):8.2f} / "
+            f"{statistics.median(new):8.2f} ms   ratio {min(old) / min(new):.2f} / "
+            f"{statistics.median(old) / statistics.median(new):.2f}  (fastest / median)")
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import vimtr  # noqa: F401  first: it sets GOMP_SPINCOUNT before torch loads libgomp
 import torch
 
 import vimtr.ops.scan_cpu as sc
+from scan import alternate_ab  # benchmarks/ (this script's folder) is on sys.path
 
 _VECTOR = sc._backward_n16
 
@@ -43,22 +42,7 @@ def _inputs(b, e, l, n=16, reverse=False, seed=0):
 
 
 def _ab(fn, rounds, reps):
-    times = {False: [], True: []}
-    for v in (False, True):
-        _use(v)
-        fn()
-    for r in range(rounds):
-        for v in ((False, True) if r % 2 == 0 else (True, False)):
-            _use(v)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times[v].append((time.perf_counter() - t0) / reps * 1e3)
-    _use(True)
-    old, new = times[False], times[True]
-    return (f"loop {min(old):7.2f} / {statistics.median(old):7.2f} ms   vector {min(new):7.2f} / "
-            f"{statistics.median(new):7.2f} ms   ratio {min(old) / min(new):.2f} / "
-            f"{statistics.median(old) / statistics.median(new):.2f}  (fastest / median)")
+    return alternate_ab(fn, _use, rounds, reps)
 
 
 def main():

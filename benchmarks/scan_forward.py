@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import vimtr  # noqa: F401  first: it sets GOMP_SPINCOUNT before torch loads libgomp
 import torch
 
 import vimtr.ops.scan_cpu as sc
+from scan import alternate_ab  # benchmarks/ (this script's folder) is on sys.path
 
 _VECTOR = sc._forward_n16
 _LOOP = sc._build_forward(16)
@@ -74,24 +74,7 @@ def replay(calls):
 
 
 def _ab(fn, rounds, reps):
-    times = {False: [], True: []}
-    for v in (False, True):
-        _use(v)
-        fn()
-    for r in range(rounds):
-        for v in ((False, True) if r % 2 == 0 else (True, False)):
-            _use(v)
-            t = 0.0
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                s = fn()
-                t += s if s is not None else time.perf_counter() - t0
-            times[v].append(t / reps * 1e3)
-    _use(True)
-    old, new = times[False], times[True]
-    return (f"loop {min(old):8.2f} / {statistics.median(old):8.2f} ms   vector {min(new):8.2f} / "
-            f"{statistics.median(new):8.2f} ms   ratio {min(old) / min(new):.2f} / "
-            f"{statistics.median(old) / statistics.median(new):.2f}  (fastest / median)")
+    return alternate_ab(fn, _use, rounds, reps)
 
 
 def _vim_ti(reverse, seed=0):
