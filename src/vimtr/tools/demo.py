@@ -56,15 +56,16 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
     the augmentation the student fits the train split within 3 epochs but stays 1-3 points under the
     teacher on the test split; with it, 8 epochs land on both sides of the 1-point line, 12 ended at
     355-359 of 360 test images in five runs (the teacher: 356; within a point: 353), 15 at 356-359
-    (README, ``benchmarks/NOTES.md`` rounds 8-10). Drop-path 0 as Vim-Ti's own training (R-MeeTo keeps the model's 0.1): over a few
-    hundred steps its noise costs more than its regularisation gives. On 2 cores the 12 epochs took
-    ~2.5 minutes.
+    (README, ``benchmarks/NOTES.md`` rounds 8-10). Drop-path 0 as Vim-Ti's own training (R-MeeTo keeps
+    the model's 0.1): over a few hundred steps its noise costs more than its regularisation gives. On
+    2 cores the 12 epochs took ~2.5 minutes.
 
     It runs in ``processes`` one-thread processes with DDP (default: one per core, at most 2), the global
     batch split between them: on a 2-core machine that is faster than one process with two threads, which
     small batches use poorly. Call it under ``if __name__ == "__main__":`` in a script (the processes are
-    forked on Linux, spawned elsewhere: ``vimtr.engine.distributed.spawn_cpu``). ``model``: the unreduced model already loaded in this process, to build the returned
-    student from (default: load ``model_name`` again)."""
+    forked on Linux, spawned elsewhere: ``vimtr.engine.distributed.spawn_cpu``). ``model``: the unreduced
+    model already loaded in this process, to build the returned student from (default: load
+    ``model_name`` again)."""
     from vimtr.engine import distributed
 
     world = distributed.cpu_workers(RETRAIN["processes"] if processes is None else processes)
@@ -113,11 +114,12 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
     from vimtr.data import digits
 
     start = time.time()
-    phases = {}  # wall seconds of each part, in results.json: where the demo's time goes
+    phases, mark = {}, [start]  # wall seconds of each part, in results.json: where the demo's time goes
 
-    def lap(name, since):
-        phases[name] = time.time() - since
-        return time.time()
+    def lap(name):  # closes the part that began at the previous lap; returns its end
+        now = time.time()
+        phases[name], mark[0] = now - mark[0], now
+        return now
 
     torch.manual_seed(0)
     out = Path(out)
@@ -130,7 +132,7 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
         f"split ({len(test)} images), {flops_reduction:.0%} FLOPs reduction")
     sweep_rows = sweep_tool.sweep(model, test, METHODS, sorted(set(levels) | {flops_reduction}), progress=progress,
                                   params=SCHEDULE, random_seeds=QUICK["random_seeds"] if quick else sweep_tool.RANDOM_SEEDS)
-    t0 = lap("sweep", start)
+    t0 = lap("sweep")
     base = sweep_rows[0]
     rows = [base] + [r for r in sweep_rows[1:] if abs(r["level"] - flops_reduction) < 1e-9]
 
@@ -147,10 +149,10 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
                      retrain_processes=summary["processes"], retrain_augment=retrain_augment,
                      retrain_drop_path=retrain_drop_path)
     rows.append(retrained)
-    t1 = lap("retrain", t0)
+    lap("retrain")
     rows = [dict(r) for r in rows]  # the table's copies: the plots keep each point's own timing
     time_table_rows(rows, model, student, flops_reduction, rounds=QUICK["timing_rounds"] if quick else TIMING_ROUNDS)
-    t1 = lap("timing", t1)
+    lap("timing")
 
     sweep_tool.plot(sweep_rows, out / "acc_vs_flops.png", out / "acc_vs_throughput.png",
                     title=f"{model_name} on digits (training-free; ★ = unreduced)",
@@ -168,7 +170,7 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
                                               "top1_std", "top1_min", "top1_max")
                         if r.get(k) is not None} for r in rows],
               "sweep": sweep_rows}
-    lap("figures", t1)
+    lap("figures")
     result.update(seconds=time.time() - start, phase_seconds=phases)
     write_json(out / "results.json", result)
     log(format_table(rows))
