@@ -18,7 +18,7 @@ import vimtr  # noqa: F401  first: it sets GOMP_SPINCOUNT before torch loads lib
 import torch
 
 import vimtr.ops.scan_cpu as sc
-from scan import alternate_ab  # benchmarks/ (this script's folder) is on sys.path
+from scan import alternate_ab, mixer_inputs  # benchmarks/ (this script's folder) is on sys.path
 
 _VECTOR = sc._backward_n16
 
@@ -30,14 +30,11 @@ def _use(vector: bool):
 
 
 def _inputs(b, e, l, n=16, reverse=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(b, e, l, generator=g)
-    delta = (torch.randn(b, l, e, generator=g) * 0.5).transpose(1, 2)
-    z = torch.randn(b, l, e, generator=g).transpose(1, 2)
-    A = -torch.arange(1, n + 1, dtype=torch.float32).expand(e, n).contiguous()
-    B, C = torch.randn(b, n, l, generator=g), torch.randn(b, n, l, generator=g)
-    D, bias = torch.randn(e, generator=g), torch.randn(e, generator=g) * 0.1
-    saved = (u, delta, A, B, C, D, z, bias)
+    """_backward_impl's arguments for scan.mixer_inputs (the mixer's layout, softplus), an incoming
+    gradient and a zero last-state gradient."""
+    x = mixer_inputs(b, e, l, n, seed)
+    saved = tuple(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    g = torch.Generator().manual_seed(seed + 1)
     return saved, True, reverse, torch.randn(b, e, l, generator=g), torch.zeros(b, e, n)
 
 

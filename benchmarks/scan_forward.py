@@ -23,7 +23,7 @@ import vimtr  # noqa: F401  first: it sets GOMP_SPINCOUNT before torch loads lib
 import torch
 
 import vimtr.ops.scan_cpu as sc
-from scan import alternate_ab  # benchmarks/ (this script's folder) is on sys.path
+from scan import alternate_ab, mixer_inputs  # benchmarks/ (this script's folder) is on sys.path
 
 _VECTOR = sc._forward_n16
 _LOOP = sc._build_forward(16)
@@ -78,15 +78,9 @@ def _ab(fn, rounds, reps):
 
 
 def _vim_ti(reverse, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    b, e, l, n = 8, 384, 197, 16
-    u = torch.randn(b, e, l, generator=g)
-    delta = (torch.randn(b, l, e, generator=g) * 0.5).transpose(1, 2)
-    z = torch.randn(b, l, e, generator=g).transpose(1, 2)
-    A = -torch.arange(1, n + 1, dtype=torch.float32).expand(e, n).contiguous()
-    B, C = torch.randn(b, n, l, generator=g), torch.randn(b, n, l, generator=g)
-    D, bias = torch.randn(e, generator=g), torch.randn(e, generator=g) * 0.1
-    return [([u, delta, A, B, C, D, z, bias, True, reverse], {})]
+    """One recorded-style call at Vim-Ti's shape (B=8, E=384, L=197) from scan.mixer_inputs."""
+    x = mixer_inputs(8, 384, 197, 16, seed)
+    return [([*(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True, reverse], {})]
 
 
 def main():
