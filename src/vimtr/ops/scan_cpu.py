@@ -29,8 +29,8 @@ Why it is shaped the way it is (every number below was measured, see benchmarks/
 * **The N = 16 forward's y_t = Σ_n C·h is summed 16 tokens at a time.** A horizontal sum per token
   (four shuffles and four adds) cost 36% of the recurrence; the recurrence keeps h in one vector
   (``_Vec16``, below), stores the 16 products C_t·h_t per token, and one shuffle tree per 16 tokens
-  sums them (``_vsum16``, in the same order per lane, so the same bits). 1.15x per call at Vim-Ti,
-  1.1x at the demo's shapes; the exp (12 vector ops per token) is most of what remains.
+  sums them (``_vsum16``, in the same order per lane, so the same bits). 1.08-1.18x per call at Vim-Ti,
+  1.0-1.1x on the demo's calls; the exp (12 vector ops per token) is most of what remains.
 * **softplus, D and the SiLU(z) gate are fused** as per-row passes over L before/after the recurrence,
   written with the same polynomial exp (and a series log1p) so they vectorise too; leaving them to
   torch (four extra passes over (Bt, E, L) tensors) makes the call 1.7-1.9x slower at Vim-Ti batch 8.
@@ -59,7 +59,7 @@ Why it is shaped the way it is (every number below was measured, see benchmarks/
 * **The N = 16 backward keeps a row's 16 states in one LLVM vector** (``_Vec16``, a numba type with
   loads, stores and arithmetic as intrinsics). With run-time N, LLVM vectorises the state loops 32 at
   a time and N = 16 only ever ran their 4-wide remainder; with N fixed, the unrolled loops stay scalar
-  (it cannot prove the arrays apart). Explicit vectors were 2.4-3.5x faster per call (Vim-Ti and the
+  (it cannot prove the arrays apart). Explicit vectors were 2.3-3.5x faster per call (Vim-Ti and the
   demo's shapes). Work that is per token rather than per state (gate, softplus derivative, D, the sums
   into du and ddelta) runs in passes over L outside the recurrences, and the decays are one flat exp
   pass over L·16 before them. Other N use the generic loop kernel.
