@@ -309,6 +309,23 @@ def test_spawn_cpu_joins_a_gloo_group_and_returns_rank_0s_value(method):
     assert 1 <= distributed.cpu_workers(2) <= 2
 
 
+def _share_report(share):
+    """Runs in each mapped process: no group, one thread, its own share."""
+    if share == "fail":
+        raise ValueError("this share failed on purpose")
+    return {"share": share, "grouped": distributed.context().distributed, "threads": torch.get_num_threads()}
+
+
+def test_map_cpu_runs_each_share_in_its_own_process_and_keeps_the_order():
+    shares = [[1, 2], [3], [4, 5, 6]]
+    assert distributed.map_cpu(_share_report, shares) == [
+        {"share": s, "grouped": False, "threads": 1} for s in shares]
+    here = distributed.map_cpu(_share_report, [[7]])  # one share: in this process, at its thread count
+    assert here == [{"share": [7], "grouped": False, "threads": torch.get_num_threads()}]
+    with pytest.raises(Exception, match="this share failed on purpose"):
+        distributed.map_cpu(_share_report, [[1], "fail"])
+
+
 def test_adamw_is_fused_on_cpu_and_matches_the_per_parameter_loop():
     """recipe.adamw takes torch's fused kernel (one call for all tensors): same groups, same update as the
     default loop up to rounding."""

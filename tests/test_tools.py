@@ -73,6 +73,32 @@ def test_sweep_outputs(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
 
 
+def test_sweep_in_two_processes_measures_what_one_process_does():
+    """The points shared out among one-thread processes: the same rows, in order, with the same accuracies
+    and FLOPs as one thread computes them alone (only the im/s are each process's own)."""
+    from torch.utils.data import Subset
+
+    from vimtr.data.digits import digits_dataset
+    from vimtr.tools.sweep import _shares, sweep
+
+    model = vimtr.load_model("vim_digits")
+    test = Subset(digits_dataset("test"), range(96))
+    kw = dict(methods=("mtr", "random", "tome"), levels=(0.2, 0.4), params={"interval": 2}, random_seeds=3,
+              progress=False, batch_size=32)
+    one, two = sweep(model, test, processes=1, **kw), sweep(model, test, processes=2, **kw)
+    keys = ("method", "level", "top1", "top5", "loss", "gflops", "flops_saved", "final_tokens", "seeds")
+    assert [[r.get(k) for k in keys] for r in two] == [[r.get(k) for k in keys] for r in one]
+    assert all(r["images_per_s"] > 0 for r in two) and two[0]["speedup"] == 1.0
+    assert not model.reducer  # the parent's model is left unreduced
+    # Balanced by evaluations: each random point is 3 of the 1 + 4 + 2 * 3 = 11.
+    jobs = [(None, None)] + [(m, {"flops_reduction": lv}) for m in kw["methods"] for lv in kw["levels"]]
+    shares = _shares(jobs, 2, 3)
+    assert sorted(i for s in shares for i in s) == list(range(len(jobs)))
+    assert sorted(sum(3 if jobs[i][0] == "random" else 1 for i in s) for s in shares) == [5, 6]
+    with pytest.raises(ValueError, match="--processes 1"):
+        sweep(model, test, processes=2, device="meta", **kw)
+
+
 def test_visualize_and_info(tmp_path, capsys):
     out = tmp_path / "map.png"
     main(["visualize", "digits:3", "--method", "mtr", "rmeeto", "tome", "--out", str(out)])
@@ -90,6 +116,9 @@ def test_bad_input_is_one_clear_line(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--model", "vim_digits", "--method", "nosuch"])
     assert "valid methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "--model", "vim_digits", "--processes", "0"])
+    assert "--processes must be >= 1" in capsys.readouterr().err
 
 
 def test_demo_times_each_table_row_with_its_own_reduction(monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -132,16 +133,32 @@ def spawn_cpu(fn, world: int, *args, start_method: str | None = None):
     CUDA is initialised (a forked child cannot use it)."""
     if world <= 1:
         return fn(*args)
+    return _start(world, start_method, _spawned, fn, args)[0]
+
+
+def map_cpu(fn, shares: list, start_method: str | None = None) -> list:
+    """``[fn(share) for share in shares]``, each call in its own one-thread process, with no process group:
+    for jobs that do not talk to each other (a sweep's evaluations). On a 2-core machine two one-thread
+    processes evaluate the bundled model ~1.5x faster than one process with two threads. Returns the
+    calls' JSON-serialisable values in order (through files, as :func:`spawn_cpu`: nothing is unpickled);
+    an exception in any process is raised here. A single share runs in this process, at its thread count."""
+    if len(shares) <= 1:
+        return [fn(share) for share in shares]
+    return _start(len(shares), start_method, _mapped, fn, shares)
+
+
+def _start(world, start_method, entry, fn, payload) -> list:
+    """Start ``world`` processes running ``entry(rank, world, folder, fn, payload)``; the values they wrote."""
     import json
     import tempfile
 
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory(prefix="vimtr-group-") as tmp:
-        mp.start_processes(_spawned, args=(world, tmp, fn, args), nprocs=world, join=True,
+    with tempfile.TemporaryDirectory(prefix="vimtr-procs-") as tmp:
+        mp.start_processes(entry, args=(world, tmp, fn, payload), nprocs=world, join=True,
                            start_method=start_method or default_start_method())
-        with open(os.path.join(tmp, "result.json")) as f:
-            return json.load(f)
+        paths = [os.path.join(tmp, f"result{rank}.json") for rank in range(world)]
+        return [json.loads(Path(p).read_text()) if os.path.exists(p) else None for p in paths]
 
 
 def default_start_method() -> str:
@@ -159,6 +176,13 @@ def _spawned(rank, world, tmp, fn, args):
     try:
         value = fn(*args)
         if rank == 0:
-            write_json(os.path.join(tmp, "result.json"), value)
+            write_json(os.path.join(tmp, "result0.json"), value)
     finally:
         dist.destroy_process_group()
+
+
+def _mapped(rank, world, tmp, fn, shares):
+    from vimtr.io import write_json
+
+    torch.set_num_threads(1)
+    write_json(os.path.join(tmp, f"result{rank}.json"), fn(shares[rank]))
