@@ -2,16 +2,17 @@
 
     PYTHONPATH=src python benchmarks/retrain_recipes.py [--epochs 8] [--lr 4e-3] [--temperature 4 --ce-weight 0
         --distill-weight 1] [--freeze 'in_proj|out_proj'] [--no-augment] [--drop-path 0.1] [--seed 1]
-        [--out FILE.jsonl]
+        [--processes 2] [--out FILE.jsonl]
 
 The demo's ``rmeeto_retrained`` row (``vimtr.tools.demo.retrain_rmeeto``: rmeeto at 30% fewer FLOPs,
-blocks 2, 4, …, 10; 12 epochs of the bundled model's augmentation, batch 32, lr 4e-3, 10 warm-up steps,
+blocks 2, 4, …, 10; 10 epochs of the bundled model's augmentation, batch 32, lr 4e-3, 10 warm-up steps,
 drop-path 0, CE with label smoothing 0.1 +
 0.5·KL to the unreduced model) with one or more of its settings changed. Appends one JSON line per run
 (the settings, top-1 and the number of correct test images out of 360, the unreduced model's 356, both
 models' top-1 on the train split, and the training seconds) to ``--out`` (default benchmarks/results/retrain_recipes.jsonl). Accuracy, not
 speed, is the result: runs may share the machine (``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1`` and two at a
 time on two cores is how NOTES' table was made; the thread count changes the rounding and so the run).
+``--processes 2`` re-trains exactly as ``vimtr demo`` does (its two one-thread processes, its rounding).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def main(argv=None):
     from vimtr.data import digits
     from vimtr.engine.evaluate import evaluate
     from vimtr.engine.train import retrain
-    from vimtr.tools.demo import RETRAIN, SCHEDULE
+    from vimtr.tools.demo import RETRAIN, SCHEDULE, retrain_rmeeto
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=RETRAIN["epochs"])
@@ -54,6 +55,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default="vim_digits",
                    help="the unreduced model: the bundled one (default) or a file train_digits wrote")
+    p.add_argument("--processes", type=int, default=1,
+                   help="> 1: re-train as the demo does, through vimtr.tools.demo.retrain_rmeeto in this many "
+                        "one-thread processes (its rounding; only the demo's own settings may be changed)")
     p.add_argument("--out", type=Path, default=RESULTS / "retrain_recipes.jsonl")
     args = p.parse_args(argv)
 
@@ -62,17 +66,27 @@ def main(argv=None):
     test, train = digits.digits_dataset("test"), digits.digits_dataset("train")
     if args.augment:  # the bundled model's training augmentation, each read seeded by the trainer
         train = digits.AugmentedDigits("train")
-    student = vimtr.reduce(copy.deepcopy(teacher), "rmeeto", flops_reduction=args.flops_reduction, **SCHEDULE)
-    if args.freeze:
-        for name, param in student.named_parameters():
-            if re.search(args.freeze, name):
-                param.requires_grad_(False)
     t0 = time.perf_counter()
-    retrain(student, train, teacher=teacher, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            warmup_steps=args.warmup_steps, drop_path=args.drop_path, distill_weight=args.distill_weight,
-            ce_weight=args.ce_weight,
-            distill_temperature=args.temperature, label_smoothing=args.label_smoothing,
-            weight_decay=args.weight_decay, augment=False, seed=args.seed, progress=False, log=lambda *a: None)
+    if args.processes > 1:
+        changed = [k for k in ("label_smoothing", "distill_weight", "ce_weight", "temperature", "weight_decay",
+                               "warmup_steps", "freeze") if getattr(args, k) != p.get_default(k)]
+        if changed or args.checkpoint != "vim_digits":
+            p.error(f"--processes > 1 runs the demo's re-training, which has no setting for: "
+                    f"{', '.join(changed) or 'checkpoint'}")
+        student, _ = retrain_rmeeto("vim_digits", args.flops_reduction, args.epochs, seed=args.seed, progress=False,
+                                    lr=args.lr, batch_size=args.batch_size, augment=args.augment,
+                                    drop_path=args.drop_path, processes=args.processes, model=teacher)
+    else:
+        student = vimtr.reduce(copy.deepcopy(teacher), "rmeeto", flops_reduction=args.flops_reduction, **SCHEDULE)
+        if args.freeze:
+            for name, param in student.named_parameters():
+                if re.search(args.freeze, name):
+                    param.requires_grad_(False)
+        retrain(student, train, teacher=teacher, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                warmup_steps=args.warmup_steps, drop_path=args.drop_path, distill_weight=args.distill_weight,
+                ce_weight=args.ce_weight,
+                distill_temperature=args.temperature, label_smoothing=args.label_smoothing,
+                weight_decay=args.weight_decay, augment=False, seed=args.seed, progress=False, log=lambda *a: None)
     seconds = time.perf_counter() - t0
     top1 = evaluate(student.eval(), test, batch_size=128, progress=False)["top1"]
     base = evaluate(vimtr.restore(copy.deepcopy(teacher)), test, batch_size=128, progress=False)["top1"]
@@ -83,7 +97,7 @@ def main(argv=None):
     rec = {"settings": settings, "top1": top1, "correct": round(top1 * len(test)),
            "baseline_correct": round(base * len(test)), "delta_points": 100 * (top1 - base),
            "train_top1": train_top1, "baseline_train_top1": base_train_top1,
-           "train_seconds": seconds, "threads": torch.get_num_threads()}
+           "train_seconds": seconds, "threads": 1 if args.processes > 1 else torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:  # one line per run: runs in parallel append whole lines
         f.write(json.dumps(rec) + "\n")
