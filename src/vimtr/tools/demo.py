@@ -79,6 +79,8 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
     import tempfile
     from safetensors.torch import load_file
 
+    if world > 1 and model is not None:  # the forked processes then start with the training kernels loaded
+        _load_training_kernels(model, flops_reduction)
     with tempfile.TemporaryDirectory(prefix="vimtr-demo-") as tmp:
         weights = str(Path(tmp) / "student.safetensors")
         summary = distributed.spawn_cpu(_retrain_worker, world, model_name, flops_reduction, settings, augment,
@@ -88,6 +90,15 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
         student.load_state_dict(load_file(weights))
     summary["processes"] = world
     return student.eval(), summary
+
+
+def _load_training_kernels(model, flops_reduction):
+    """A 2-image forward + backward of a throw-away student, here: processes forked afterwards inherit the
+    compiled kernels instead of each loading them (or, in a fresh environment, compiling them) again."""
+    student = vimtr.reduce(vimtr.restore(copy.deepcopy(model)), "rmeeto", flops_reduction=flops_reduction,
+                           **SCHEDULE).train()
+    with torch.random.fork_rng(devices=[]):  # drop-path draws here must not move the run's random stream
+        student(torch.randn(2, *model.input_size)).square().mean().backward()
 
 
 def _retrain_worker(model_name, flops_reduction, settings, augment, weights_path):

@@ -91,6 +91,7 @@ def sweep(model, dataset, methods=TRAINING_FREE, levels=(0.1, 0.2, 0.3, 0.4, 0.5
         if torch.device(device).type != "cpu":
             raise ValueError(f"sweep: {processes} processes share the points out among CPU processes; "
                              f"on {device} use 1 (--processes 1)")
+        _load_kernels(model, jobs, batch_size, device)
         shares = _shares(jobs, processes, random_seeds)
         results = distributed.map_cpu(run, [([jobs[i] for i in share], n == 0 and progress)
                                             for n, share in enumerate(shares)])
@@ -110,6 +111,19 @@ def _measure_jobs(model, dataset, work, *, batch_size, device, random_seeds) -> 
     jobs, progress = work
     return [measure(model, dataset, method, params, batch_size, device, random_seeds=random_seeds)
             for method, params in tqdm(jobs, desc="sweep", disable=not progress)]
+
+
+def _load_kernels(model, jobs, batch_size, device):
+    """One 2-image forward per method, here, before the processes fork: they then start with the compiled
+    kernels in memory instead of each loading (or, in a fresh environment, compiling) them again."""
+    from vimtr.tools.benchmark import time_forward
+
+    for method, params in dict(jobs[::-1]).items():  # one level per method
+        vimtr.restore(model)
+        if method:
+            vimtr.reduce(model, method, **params)
+        time_forward(model, min(2, batch_size), device=device, warmup=0, runs=1)
+    vimtr.restore(model)
 
 
 def _shares(jobs, processes: int, random_seeds: int) -> list[list[int]]:
