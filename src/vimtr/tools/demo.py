@@ -14,10 +14,10 @@ rounds of one batch). The sweep's points are shared between two one-thread proce
 ~1.5x faster than one process with two threads); the throughput plot shows each point's own accuracy
 pass, one thread's, the re-trained point measured the same way.
 
-On the project's 2-core CPU machine the whole run took 153 s, 115 s of them the re-training (10 epochs:
-in the four runs of the demo's two processes, seeds 0-3, 353-355 of 360 test images, where within a
-point of the baseline needs 353; ``--retrain-epochs 12`` takes ~25 s more for a wider margin). The
-machine is shared: its step times vary by a third within minutes. ``--quick`` takes under a minute.
+On the project's shared 2-core CPU machine the whole run took 153-198 s depending on the machine's load,
+115-139 s of them the re-training (10 epochs: in the four runs of the demo's two processes, seeds 0-3,
+353-355 of 360 test images, where within a point of the baseline needs 353; ``--retrain-epochs 12``
+takes ~25 s more for a wider margin, 355-359). ``--quick`` takes under a minute.
 """
 from __future__ import annotations
 
