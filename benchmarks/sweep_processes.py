@@ -38,16 +38,17 @@ def main(argv=None):
     model = vimtr.load_model("vim_digits").eval()
     test = digits.digits_dataset("test")
     processes = cpu_workers(SWEEP_PROCESSES)
+    levels = (0.1, 0.2, 0.3, 0.4)
     seconds, top1 = {1: [], processes: []}, {}
     for _ in range(args.pairs):
         for n in (1, processes):
             t0 = time.perf_counter()
-            rows = sweep.sweep(model, test, METHODS, (0.1, 0.2, 0.3, 0.4), progress=False, params=SCHEDULE,
-                               processes=n)
+            rows = sweep.sweep(model, test, METHODS, levels, progress=False, params=SCHEDULE, processes=n)
             seconds[n].append(time.perf_counter() - t0)
             top1[n] = [r["top1"] for r in rows]
             print(f"processes={n}: {seconds[n][-1]:.1f} s", flush=True)
-    result = {"machine": machine(), "evaluations": 1 + 5 * 4 + 5 * 4, "processes": processes,
+    evaluations = 1 + len(levels) * sum(sweep.RANDOM_SEEDS if m == "random" else 1 for m in METHODS)
+    result = {"machine": machine(), "evaluations": evaluations, "processes": processes,
               "seconds": {str(n): s for n, s in seconds.items()},
               "speedup_min": min(seconds[1]) / min(seconds[processes]),
               "same_accuracies": top1[1] == top1[processes]}

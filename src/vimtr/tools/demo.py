@@ -179,8 +179,7 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
 
     sweep_tool.plot(sweep_rows, out / "acc_vs_flops.png", out / "acc_vs_throughput.png",
                     title=f"{model_name} on digits (training-free; ★ = unreduced)",
-                    extra_points=[(retrained, "P")],
-                    throughput_label=sweep_tool.THROUGHPUT_ONE_THREAD if processes > 1 else "throughput (images/s)")
+                    extra_points=[(retrained, "P")], processes=processes)
     x, _ = digits.digits_tensors("test")
     token_map_figure(model, x[:1], digits.to_image(x[0]),
                      {"mtr": ("mtr", {**SCHEDULE, "flops_reduction": flops_reduction}),

@@ -16,7 +16,6 @@ TRAINING_FREE = ("mtr", "rmeeto", "tome", "evit", "utr", "random")
 COLUMNS = ("method", "level", "top1", "top5", "loss", "gflops", "flops_saved", "images_per_s", "speedup",
            "final_tokens", "top1_std", "top1_min", "top1_max")
 RANDOM_SEEDS = 5
-THROUGHPUT_ONE_THREAD = "throughput (images/s, one thread per point)"  # the x label after processes > 1
 
 
 def measure(model, dataset, method=None, params=None, batch_size=128, device="cpu", base=None,
@@ -138,16 +137,17 @@ def _shares(jobs, processes: int, random_seeds: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-def plot(rows: list[dict], path_flops, path_throughput=None, title="", extra_points=(),
-         throughput_label="throughput (images/s)"):
-    """Accuracy vs GFLOPs (and vs images/s): one line per method, the baseline as a star."""
+def plot(rows: list[dict], path_flops, path_throughput=None, title="", extra_points=(), processes: int = 1):
+    """Accuracy vs GFLOPs (and vs images/s): one line per method, the baseline as a star. ``processes``: the
+    sweep's (> 1: each point's images/s is one thread's, which the x label says)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     targets = [(path_flops, "gflops", "GFLOPs per image")]
     if path_throughput:
-        targets.append((path_throughput, "images_per_s", throughput_label))
+        targets.append((path_throughput, "images_per_s",
+                        "throughput (images/s" + (", one thread per point)" if processes > 1 else ")")))
     base = next(r for r in rows if r["method"] == "baseline")
     for path, key, label in targets:
         fig, ax = plt.subplots(figsize=(8.6, 4.4))
@@ -227,7 +227,7 @@ def run(args):
     write_rows(rows, out)
     name = getattr(model, "model_name", "model")
     plot(rows, out / "acc_vs_flops.png", out / "acc_vs_throughput.png", title=f"{name} on {args.data}",
-         throughput_label=THROUGHPUT_ONE_THREAD if args.processes > 1 else "throughput (images/s)")
+         processes=args.processes)
     print(f"{'method':<10}{'level':>7}{'top-1':>8}{'GFLOPs':>9}{'im/s':>9}")
     for r in rows:
         print(f"{r['method']:<10}{r['level']:>7.2f}{100 * r['top1']:>8.2f}{r['gflops']:>9.4f}{r['images_per_s']:>9.1f}")
