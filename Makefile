@@ -1,5 +1,5 @@
 # `make demo` and `make test` do all the set-up: they create .venv (if missing), install vimtr with its
-# test extras into it, then run the main job / the test suite.
+# test extras into it, compile its CPU kernels once (`vimtr warmup`), then run the main job / the test suite.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,6 +13,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(VENV)/bin/vimtr warmup  # compiles the CPU kernels into numba's disk cache (~15 s), once
 	touch $(STAMP)
 
 install: $(STAMP)

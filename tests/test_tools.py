@@ -108,6 +108,24 @@ def test_visualize_and_info(tmp_path, capsys):
     assert "parameters" in text and "tokens per block" in text
 
 
+def test_warmup_reaches_the_inference_and_training_kernels():
+    """`vimtr warmup` (make install runs it) must call every kernel the demo uses, the backward ones too:
+    a fresh process, so that nothing earlier in this test session has called them already."""
+    import subprocess
+    import sys
+
+    code = ("import json; from vimtr.cli import main; main(['warmup']); "
+            "from vimtr.ops import conv_cpu, norm_cpu, scan_cpu; "
+            "ks = dict(scan=scan_cpu._forward_n16, scan_backward=scan_cpu._backward_n16, conv=conv_cpu._conv_bidir, "
+            "conv_backward=conv_cpu._conv_bidir_backward, merge_norm=norm_cpu._merge_add_rmsnorm); "
+            "print(json.dumps({k: len(v.signatures) for k, v in ks.items()}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "CPU kernels ready" in done.stdout
+    called = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(called.values()), called
+
+
 def test_bad_input_is_one_clear_line(capsys):
     with pytest.raises(SystemExit) as e:
         main(["visualize", "no_such_image.png", "--model", "vim_digits"])

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "vimtr.tools.benchmark",
     "vimtr.tools.sweep",
     "vimtr.tools.visualize",
+    "vimtr.tools.warmup",
 )
 
 

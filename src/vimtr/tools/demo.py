@@ -80,7 +80,7 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
     from safetensors.torch import load_file
 
     if world > 1 and model is not None:  # the forked processes then start with the training kernels loaded
-        _load_training_kernels(model, flops_reduction)
+        load_training_kernels(model, flops_reduction)
     with tempfile.TemporaryDirectory(prefix="vimtr-demo-") as tmp:
         weights = str(Path(tmp) / "student.safetensors")
         summary = distributed.spawn_cpu(_retrain_worker, world, model_name, flops_reduction, settings, augment,
@@ -92,9 +92,10 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
     return student.eval(), summary
 
 
-def _load_training_kernels(model, flops_reduction):
-    """A 2-image forward + backward of a throw-away student, here: processes forked afterwards inherit the
-    compiled kernels instead of each loading them (or, in a fresh environment, compiling them) again."""
+def load_training_kernels(model, flops_reduction):
+    """A 2-image forward + backward of a throw-away ``rmeeto`` student of ``model``, here: processes forked
+    afterwards inherit the compiled kernels instead of each loading them (or, in a fresh environment,
+    compiling them) again. ``vimtr warmup`` uses it to fill numba's disk cache."""
     student = vimtr.reduce(vimtr.restore(copy.deepcopy(model)), "rmeeto", flops_reduction=flops_reduction,
                            **SCHEDULE).train()
     with torch.random.fork_rng(devices=[]):  # drop-path draws here must not move the run's random stream

@@ -90,7 +90,7 @@ def sweep(model, dataset, methods=TRAINING_FREE, levels=(0.1, 0.2, 0.3, 0.4, 0.5
         if torch.device(device).type != "cpu":
             raise ValueError(f"sweep: {processes} processes share the points out among CPU processes; "
                              f"on {device} use 1 (--processes 1)")
-        _load_kernels(model, jobs, batch_size, device)
+        load_kernels(model, jobs, batch_size, device)
         shares = _shares(jobs, processes, random_seeds)
         results = distributed.map_cpu(run, [([jobs[i] for i in share], n == 0 and progress)
                                             for n, share in enumerate(shares)])
@@ -112,9 +112,10 @@ def _measure_jobs(model, dataset, work, *, batch_size, device, random_seeds) -> 
             for method, params in tqdm(jobs, desc="sweep", disable=not progress)]
 
 
-def _load_kernels(model, jobs, batch_size, device):
-    """One 2-image forward per method, here, before the processes fork: they then start with the compiled
-    kernels in memory instead of each loading (or, in a fresh environment, compiling) them again."""
+def load_kernels(model, jobs, batch_size=2, device="cpu"):
+    """One 2-image forward per method of ``jobs`` (``(method, params)`` pairs; None: unreduced), here: the
+    processes forked afterwards start with the compiled kernels in memory instead of each loading (or, in
+    a fresh environment, compiling) them again. ``vimtr warmup`` uses it to fill numba's disk cache."""
     from vimtr.tools.benchmark import time_forward
 
     for method, params in dict(jobs[::-1]).items():  # one level per method
