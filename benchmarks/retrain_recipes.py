@@ -5,7 +5,7 @@
         [--processes 2] [--out FILE.jsonl]
 
 The demo's ``rmeeto_retrained`` row (``vimtr.tools.demo.retrain_rmeeto``: rmeeto at 30% fewer FLOPs,
-blocks 2, 4, …, 10; 10 epochs of the bundled model's augmentation, batch 32, lr 4e-3, 10 warm-up steps,
+blocks 2, 4, …, 10; 12 epochs of the bundled model's augmentation, batch 32, lr 4e-3, 10 warm-up steps,
 drop-path 0, CE with label smoothing 0.1 +
 0.5·KL to the unreduced model) with one or more of its settings changed. Appends one JSON line per run
 (the settings, top-1 and the number of correct test images out of 360, the unreduced model's 356, both
