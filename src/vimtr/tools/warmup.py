@@ -8,8 +8,8 @@ install`` (and so ``make demo`` and ``make test``) runs this once after installi
 vimtr``, run it yourself, or let the first run pay.
 
 It runs what the demo runs, on the bundled model: one small forward per reduction method and one
-forward + backward of a reduced student, and builds matplotlib's font cache (a few seconds on its
-first use). A kernel it did not reach compiles on first use as before: nothing depends on this step.
+forward + backward of a reduced student, and builds matplotlib's font cache (which its first import
+otherwise builds inside the demo's figures). A kernel it did not reach compiles on first use as before: nothing depends on this step.
 """
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ def add_cli(sub):
     p = sub.add_parser("warmup", help="compile the CPU kernels into numba's disk cache (make install runs it)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  vimtr warmup")
-    p.add_argument("--model", default="vim_digits", help="bundled model name or checkpoint file to run (default vim_digits; "
-                   "a model with another state size N uses other kernels)")
-    p.set_defaults(func=lambda args: warm_up(args.model) and None)
+    p.add_argument("--model", default="vim_digits",
+                   help="bundled model name or checkpoint file to run (default vim_digits; a model with another "
+                        "state size N uses other kernels)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    warm_up(args.model)
