@@ -39,7 +39,7 @@ def median_us(fn, reps: int) -> float:
 
 def main(argv=None):
     from vimtr.ops.norm_cpu import add_rmsnorm_cpu
-    from vimtr.reduce.merge import PendingMerge, _FlatPlan, bipartite_plan
+    from vimtr.reduction.merge import PendingMerge, _FlatPlan, bipartite_plan
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)

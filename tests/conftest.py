@@ -1,4 +1,9 @@
+import os
 import pathlib
+
+# The test process tunes itself as the CLI does (vimtr.cli.tune_cpu_threads; import vimtr never does):
+# set before torch is first imported.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 import pytest
 import torch

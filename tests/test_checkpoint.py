@@ -23,7 +23,8 @@ import vimtr
 from conftest import assert_close_golden, golden_weights
 from vimtr.models import ALIASES
 from vimtr.models import checkpoint as ckpt_mod
-from vimtr.models.checkpoint import CheckpointError, CheckpointWarning, load_model
+from vimtr.loading import load_model
+from vimtr.models.checkpoint import CheckpointError, CheckpointWarning
 
 OFFICIAL_NAME = {registered: official for official, registered in ALIASES.items()}  # vim_tiny -> timm name
 SMALL = dict(depth=2, embed_dim=64, img_size=64)
@@ -511,10 +512,10 @@ def test_vimtr_checkpoint_rebuilds_from_its_record(tmp_path, no_checkpoint_warni
 
 
 def test_vimtr_checkpoint_reapplies_recorded_reduction(tmp_path, monkeypatch):
+    import vimtr.reduction
     calls = []
-    fake = types.ModuleType("vimtr.reduce")
-    fake.reduce = lambda model, method, **params: calls.append((method, params)) or model
-    monkeypatch.setitem(sys.modules, "vimtr.reduce", fake)
+    monkeypatch.setattr(vimtr.reduction, "reduce",
+                        lambda model, method, **params: calls.append((method, params)) or model)
     model = small()
     record = {"model_name": "vim_tiny", "config": SMALL, "reduction": {"method": "mtr", "params": {"r": 2}}}
     torch.save({"vimtr": record, "model": model.state_dict()}, tmp_path / "reduced.pth")
@@ -524,9 +525,6 @@ def test_vimtr_checkpoint_reapplies_recorded_reduction(tmp_path, monkeypatch):
 
 
 def test_vimtr_checkpoint_with_the_real_reduce_module(tmp_path):
-    reduce_module = pytest.importorskip("vimtr.reduce")
-    if "mtr" not in getattr(reduce_module, "METHODS", {}):
-        pytest.skip("vimtr.reduce has no 'mtr' method yet")
     method = "mtr"
     model = small()
     record = {"model_name": "vim_tiny", "config": SMALL, "reduction": {"method": method, "params": {"r": 1}}}

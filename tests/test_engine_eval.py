@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 import vimtr
 from vimtr.engine import checkpoints, evaluate as ev
 from vimtr.engine.common import parse_param, parse_value
-from vimtr.engine.errors import UsageError
+from vimtr.errors import UsageError
 
 TINY = dict(depth=2, embed_dim=32, img_size=32, patch_size=8, num_classes=4)
 

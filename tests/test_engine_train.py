@@ -12,8 +12,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 import vimtr
-from vimtr.engine import data, distributed, recipe, train
-from vimtr.engine.errors import UsageError
+from vimtr.data import folders as data
+from vimtr.engine import distributed, recipe, train
+from vimtr.errors import UsageError
 from vimtr.engine.evaluate import evaluate
 
 from test_engine_eval import run_group, save_ckpt, tiny_model, write_folder

@@ -73,7 +73,7 @@ def test_cpu_path_gradients_match_flip_path():
 
 
 def test_named_aux_keys_skip_delta_and_mtr_scores_agree():
-    from vimtr.reduce.mtr import delta_importance
+    from vimtr.reduction.mtr import delta_importance
     m, h = _mixer(seed=4), torch.randn(2, 9, 32)
     with torch.no_grad(), scan_backend("cpu"):
         _, full = m(h, want_aux=True)

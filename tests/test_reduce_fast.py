@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vimtr.reduce.merge import (Plan, _FlatPlan, _normalised_sets, apply_plan, bipartite_plan, full_indices, importance_plan,
+from vimtr.reduction.merge import (Plan, _FlatPlan, _normalised_sets, apply_plan, bipartite_plan, full_indices, importance_plan,
                                 normalise_rows, split_cls)
 
 
@@ -123,7 +123,7 @@ def test_compiled_ordered_plan_equals_torch_ops_with_ties(cls_index, L):
 
 # ---------------------------------------------------------------- a merge folded into the next block's add + RMSNorm
 def _pending(plan, cls_index, B, L, weight):
-    from vimtr.reduce.merge import PendingMerge
+    from vimtr.reduction.merge import PendingMerge
     return PendingMerge(_FlatPlan.of(plan, cls_index, B, L, "cpu"), weight)
 
 
@@ -194,7 +194,7 @@ def test_models_with_fused_merges_match_the_eager_reduction(method, params, one_
 
 def test_a_pending_merge_reports_the_reduced_length_and_materialises():
     from vimtr.models.token_state import TokenState
-    from vimtr.reduce.merge import apply_to_state
+    from vimtr.reduction.merge import apply_to_state
     g = torch.Generator().manual_seed(13)
     h, r = torch.randn(2, 9, 4, generator=g), torch.randn(2, 9, 4, generator=g)
     plan = Plan(keep=torch.tensor([[0, 2, 3, 5, 7], [1, 2, 4, 6, 7]]), src=torch.tensor([[1, 4, 6], [0, 3, 5]]),

@@ -10,9 +10,9 @@ import torch
 
 import vimtr
 from vimtr.models.token_state import TokenState
-from vimtr.reduce import list_methods, reduce, restore
-from vimtr.reduce.api import METHODS as REGISTRY
-from vimtr.reduce.base import COMMON_PARAMS
+from vimtr.reduction import list_methods, reduce, restore
+from vimtr.reduction.api import METHODS as REGISTRY
+from vimtr.reduction.base import COMMON_PARAMS
 
 # ``vimtr.flops`` is the function re-exported by the package; the module is reached through sys.modules.
 count_flops = sys.modules["vimtr.flops"].flops

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import vimtr
 from vimtr.models.token_state import TokenState
-from vimtr.reduce import list_methods, reduce, restore
-from vimtr.reduce.merge import Plan, apply_plan, apply_to_state, bipartite_plan, importance_plan
+from vimtr.reduction import list_methods, reduce, restore
+from vimtr.reduction.merge import Plan, apply_plan, apply_to_state, bipartite_plan, importance_plan
 
 METHODS = list_methods()
 PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

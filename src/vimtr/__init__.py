@@ -5,24 +5,42 @@
     vimtr.reduce(model, "mtr", flops_reduction=0.3)               # patch in place, weights untouched
     logits = model(images); print(model.reduction_trace["tokens"])
     vimtr.restore(model)                                          # back to the original, bit for bit
+
+``import vimtr`` imports nothing heavy and changes nothing in the process (no environment variables, no
+thread settings): each name below, and each documented submodule (``vimtr.data``, ``vimtr.ops``,
+``vimtr.reduction``, ``vimtr.engine``, ``vimtr.tools``, ``vimtr.models``), is imported on first use.
 """
-import os as _os
+import importlib
 
-# PyTorch's OpenMP workers (libgomp) spin for a while after every parallel op, waiting for the next.
-# The CPU scan kernels run on their own threads between torch ops, and on a 2-core machine the
-# spinning worker took a core from them: Vim-Ti b8 forward 593 ms with the default spin, 390 ms with
-# 30,000 (benchmarks/NOTES.md). libgomp reads this when torch is first imported, so it only takes
-# effect if vimtr is imported first; an explicit setting in the environment always wins.
-_os.environ.setdefault("GOMP_SPINCOUNT", "30000")
-
-from vimtr.flops import flops  # noqa: E402
-from vimtr.models import create_model, list_models  # noqa: E402
-from vimtr.reduce import list_methods, reduce, restore  # noqa: E402
-
-try:  # written alongside; absent only in a partial checkout
-    from vimtr.models.checkpoint import load_model
-except ImportError:  # pragma: no cover
-    pass
+# Eager, and light (no torch): importing the submodule ``vimtr.flops`` binds the package attribute to the
+# module, so the function is bound here first, after that import, and stays.
+from vimtr.flops import flops
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "flops", "list_methods", "list_models", "load_model", "reduce", "restore"]
+
+# public name -> the module that defines it
+_API = {
+    "create_model": "vimtr.models.registry",
+    "list_models": "vimtr.models.registry",
+    "load_model": "vimtr.loading",
+    "reduce": "vimtr.reduction.api",
+    "restore": "vimtr.reduction.api",
+    "list_methods": "vimtr.reduction.api",
+}
+_SUBMODULES = ("data", "engine", "io", "loading", "models", "ops", "reduction", "tools", "errors")
+
+__all__ = sorted({*_API, "flops"})
+
+
+def __getattr__(name):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API) | set(_SUBMODULES))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Modules that define commands, in the order ``vimtr --help`` lists them.
@@ -36,7 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tune_cpu_threads():
+    """Process-wide tuning the command line applies for itself (never ``import vimtr``): PyTorch's OpenMP
+    workers (libgomp) spin for a while after every parallel op, and on a 2-core machine a spinning worker
+    takes a core from the CPU kernels' own threads between torch ops (Vim-Ti batch-8 forward 593 ms with
+    the default spin, ~400 ms with 30,000; docs/performance.md). libgomp reads the variable when torch is
+    first imported, so this runs before any command module imports torch; a value already in the
+    environment wins. Library users can export ``GOMP_SPINCOUNT=30000`` themselves."""
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+
 def main(argv=None):
+    tune_cpu_threads()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -47,7 +59,6 @@ def main(argv=None):
         return args.func(args) or 0
     except (ValueError, TypeError, FileNotFoundError) as e:
         # Bad input: one clear line, not a stack trace (set VIMTR_DEBUG=1 for the trace).
-        import os
         if os.environ.get("VIMTR_DEBUG"):
             raise
         print(f"vimtr {args.command}: error: {e}", file=sys.stderr)

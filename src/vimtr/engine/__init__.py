@@ -4,7 +4,7 @@ Modules (imported lazily, so ``python -m vimtr.engine.evaluate`` runs without im
 
 - :mod:`vimtr.engine.evaluate`: ``evaluate(model, dataset_or_loader)`` and the ``eval`` subcommand;
 - :mod:`vimtr.engine.train`: ``retrain(student, train_set, ...)`` and the ``retrain`` subcommand;
-- :mod:`vimtr.engine.data`: ImageFolder / ``digits`` datasets, corrupt-image handling, samplers;
+- :mod:`vimtr.engine.recipe`: the re-training recipe (optimizer groups, augmentation, distillation loss);
 - :mod:`vimtr.engine.checkpoints`: atomic, ``weights_only``-loadable training checkpoints;
 - :mod:`vimtr.engine.distributed`: torchrun process groups and exact cross-rank sums;
 - :mod:`vimtr.engine.common`: the model/reduction/device options both subcommands share.
@@ -13,7 +13,7 @@ Each subcommand module has ``add_cli(subparsers)``, which registers it and sets 
 """
 import importlib
 
-_SUBMODULES = ("checkpoints", "common", "data", "distributed", "evaluate", "train")
+_SUBMODULES = ("checkpoints", "common", "distributed", "evaluate", "recipe", "train")
 __all__ = list(_SUBMODULES)
 
 

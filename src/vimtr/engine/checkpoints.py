@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vimtr.engine.errors import UsageError
+from vimtr.errors import UsageError
 from vimtr.io import atomic_write
 
 

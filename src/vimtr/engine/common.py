@@ -8,7 +8,7 @@ import sys
 import torch
 
 from vimtr.io import jsonable, parse_param, parse_value, write_json  # noqa: F401 (re-exported)
-from vimtr.engine.errors import UsageError
+from vimtr.errors import UsageError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,7 +100,7 @@ def apply_reduction(model, spec):
 
 def load_from_args(args):
     """The model named by --model/--checkpoint (eval mode, on CPU), before any --method is applied."""
-    from vimtr.models.checkpoint import CheckpointError, load_model
+    from vimtr.loading import CheckpointError, load_model
     if not args.model and not args.checkpoint:
         raise UsageError("give --checkpoint PATH (official or vimtr checkpoint) and/or --model NAME")
     source = args.checkpoint or args.model

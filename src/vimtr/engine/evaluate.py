@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import vimtr
-from vimtr.engine import common, data, distributed
-from vimtr.engine.errors import UsageError
+from vimtr.data import folders as data
+from vimtr.engine import common, distributed
+from vimtr.errors import UsageError
 
 RESULT_KEYS = ("images", "top1", "top5", "loss", "gflops", "gflops_rmeeto", "params", "tokens_per_block",
                "corrupt", "wall_s", "images_per_s", "world_size", "config")

@@ -9,7 +9,7 @@ The pieces are in :mod:`vimtr.engine.recipe`; this module is the loop and the CL
 
 Checkpoints (``OUTPUT/last.pt``, ``OUTPUT/best.pt``) hold everything needed to continue bit for bit
 (:mod:`vimtr.engine.checkpoints`). A run resumed from a mid-epoch checkpoint replays the rest of the
-epoch in the same order with the same augmentations (:class:`vimtr.engine.data.EpochSampler`).
+epoch in the same order with the same augmentations (:class:`vimtr.data.folders.EpochSampler`).
 Where the official script differs (three optimizer steps per two batches, a teacher in train mode, ...)
 see docs/engines.md.
 """
@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import vimtr
-from vimtr.engine import checkpoints, common, data, distributed, recipe
-from vimtr.engine.errors import UsageError
+from vimtr.data import folders as data
+from vimtr.engine import checkpoints, common, distributed, recipe
+from vimtr.errors import UsageError
 from vimtr.engine.evaluate import evaluate
 
 # Settings that must not change when resuming: the data order, the schedule or the RNG streams depend on them.
@@ -615,7 +616,7 @@ def _official_ema(args):
     """The checkpoint's own ``model_ema`` weights to start the EMA from (as the official Vim-B recipe), if any."""
     if args.ema or not args.checkpoint:
         return None  # --ema: the student already starts from the EMA weights
-    from vimtr.models.checkpoint import CheckpointError, load_model
+    from vimtr.loading import CheckpointError, load_model
     try:
         return load_model(args.checkpoint, name=args.model, use_ema=True).state_dict()
     except CheckpointError:
@@ -641,7 +642,7 @@ def _run(args, ctx: distributed.Context):
     model = common.load_from_args(args)
     teacher = None
     if args.teacher and not args.no_distill:
-        from vimtr.models.checkpoint import CheckpointError, load_model
+        from vimtr.loading import CheckpointError, load_model
         try:
             teacher = vimtr.restore(load_model(args.teacher))
         except CheckpointError as e:

@@ -1,4 +1,6 @@
-"""``load_model(checkpoint)``: official Vim / VideoMamba checkpoints (and vimtr's own) as ready vimtr models.
+"""``build_from_checkpoint(checkpoint)``: official Vim / VideoMamba checkpoints (and vimtr's own) as vimtr models.
+
+``vimtr.load_model`` (:mod:`vimtr.loading`) calls it and re-applies a recorded token reduction.
 
 What it reads:
 
@@ -17,7 +19,6 @@ offending keys with expected and found shapes, and what the checkpoint looks lik
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.resources
 import inspect
 import itertools
@@ -41,7 +42,7 @@ from vimtr.models.registry import canonical_name, create_model, list_models, mod
 from vimtr.models.videomamba import VideoMamba
 from vimtr.models.vim import VisionMamba
 
-__all__ = ["CheckpointError", "CheckpointWarning", "load_model", "assets_dir", "HF_DEFAULT_FILES"]
+__all__ = ["CheckpointError", "CheckpointWarning", "build_from_checkpoint", "assets_dir", "HF_DEFAULT_FILES"]
 
 logger = logging.getLogger(__name__)
 
@@ -576,21 +577,10 @@ def _record_overrides(record: dict, src: _Source) -> tuple[str, dict]:
     return name, {k: v for k, v in (record.get("config") or {}).items() if ref.get(k, object()) != v}
 
 
-def _apply_reduction(model: nn.Module, reduction: Mapping, src: _Source) -> nn.Module:
-    try:
-        # Imported lazily (token reduction is optional here) and via import_module: `vimtr.reduce` as an
-        # attribute of the package is the re-exported function, not the module.
-        reduce_module = importlib.import_module("vimtr.reduce")
-        out = reduce_module.reduce(model, reduction["method"], **dict(reduction.get("params") or {}))
-    except (ImportError, AttributeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{src.label}: could not re-apply the recorded token reduction {dict(reduction)!r}: "
-                              f"{type(e).__name__}: {e}") from None
-    return out if isinstance(out, nn.Module) else model
-
-
 # ============================================================================ the entry point
-def load_model(checkpoint, name: str | None = None, use_ema: bool = False, **overrides) -> nn.Module:
-    """A ready vimtr model (eval mode) from a checkpoint.
+def build_from_checkpoint(checkpoint, name: str | None = None, use_ema: bool = False, **overrides) -> nn.Module:
+    """A vimtr model (eval mode) with a checkpoint's weights; ``vimtr.load_model`` also re-applies the token
+    reduction a vimtr-written checkpoint records (``checkpoint_info['reduction']``), one layer above.
 
     ``checkpoint``: a file (official ``.pth``, flat or ``module.``-prefixed state dict, ``.safetensors``,
     a vimtr-written file), a state dict, a Hugging Face repo id (``'hustvl/Vim-tiny-midclstok'`` or
@@ -633,8 +623,6 @@ def load_model(checkpoint, name: str | None = None, use_ema: bool = False, **ove
     sd = _inflate_image_weights(sd, model, notices)
     sd = _resample_pos_embed(sd, model, notices)
     _load_strict(model, sd, src, what, raw_sd)
-    if record is not None and record.get("reduction"):
-        model = _apply_reduction(model, record["reduction"], src)
     model.eval()
     model.checkpoint_info = {"file": src.label, "format": src.fmt, "name": arch,
                              "inferred": name is None and record is None, "overrides": dict(cfg),

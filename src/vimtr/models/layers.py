@@ -298,7 +298,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, hidden, residual=None, want_aux: bool = False, merge=None):
-        """``merge``: a reduction step's :class:`~vimtr.reduce.merge.PendingMerge` for hidden and residual
+        """``merge``: a reduction step's :class:`~vimtr.reduction.merge.PendingMerge` for hidden and residual
         (both unreduced), applied here: inside the add + RMSNorm kernel on the CPU path, eagerly otherwise."""
         # DropPath is the identity in eval mode (and at rate 0): the fused kernel then computes the same add.
         no_drop = isinstance(self.drop_path, nn.Identity) or not self.drop_path.training

@@ -2,7 +2,7 @@
 
 A backbone's forward loop knows one optional collaborator, ``model.reducer``: before block ``i`` it is
 called as ``state = reducer(i, state)``. With no reducer the loop is exactly the official model. Token
-reduction methods (``vimtr.reduce``) are reducers; they never touch the weights.
+reduction methods (``vimtr.reduction``, installed by ``vimtr.reduce``) are reducers; they never touch the weights.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class TokenState:
     aux: dict = field(default_factory=dict)  # what the previous block's mixer exposed on request
     # Set by a backbone whose blocks can fold a reduction step's merge into their first op (the residual
     # add + RMSNorm): a reducer may then return ``hidden``/``residual`` unreduced with the merge in
-    # ``pending`` (a :class:`vimtr.reduce.merge.PendingMerge`), and the next block applies it; sizes,
+    # ``pending`` (a :class:`vimtr.reduction.merge.PendingMerge`), and the next block applies it; sizes,
     # source and cls_index are reduced already. Saves a read and a write of both streams per step.
     fuse_merge: bool = False
     pending: object | None = None

@@ -9,7 +9,7 @@ gradient is needed (the backward differentiates the torch formula, recomputed), 
 not depend on the grad mode. The mean is summed in a different order than torch's: results agree to
 float32 rounding, not bit for bit.
 
-With a reduction step's pending merge (:class:`vimtr.reduce.merge.PendingMerge`), the kernel builds each
+With a reduction step's pending merge (:class:`vimtr.reduction.merge.PendingMerge`), the kernel builds each
 output row from the input rows the merge maps to it, as it reads them:
 
     x         = residual + hidden                                  (every input row, read once)

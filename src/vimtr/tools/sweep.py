@@ -210,7 +210,7 @@ def add_cli(sub):
 
 def run(args):
     from vimtr.data import eval_transform
-    from vimtr.engine.data import load_dataset
+    from vimtr.data.folders import load_dataset
     from vimtr.tools.benchmark import load_for_cli
 
     if args.processes < 1:

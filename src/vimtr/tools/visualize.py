@@ -13,7 +13,7 @@ import torch
 
 import vimtr
 from vimtr.models.token_state import TokenState
-from vimtr.reduce.mtr import delta_importance
+from vimtr.reduction.mtr import delta_importance
 
 
 class _ImportanceProbe:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-from vimtr.reduce.base import COMMON_PARAMS, TokenReducer
+from vimtr.reduction.base import COMMON_PARAMS, TokenReducer
 
 METHODS: dict[str, type[TokenReducer]] = {}
 

@@ -19,8 +19,8 @@ quirk, digest §7.7), which vimtr does not copy.
 from __future__ import annotations
 
 
-from vimtr.reduce.base import TokenReducer
-from vimtr.reduce.merge import bipartite_plan
+from vimtr.reduction.base import TokenReducer
+from vimtr.reduction.merge import bipartite_plan
 
 
 class RMeeTo(TokenReducer):

@@ -28,9 +28,9 @@ Parameters: none of its own. Default schedule (every baseline): the reducing blo
 """
 from __future__ import annotations
 
-from vimtr.reduce.base import TokenReducer
-from vimtr.reduce.merge import bipartite_plan, split_cls
-from vimtr.reduce.rmeeto import RMeeTo
+from vimtr.reduction.base import TokenReducer
+from vimtr.reduction.merge import bipartite_plan, split_cls
+from vimtr.reduction.rmeeto import RMeeTo
 
 
 class ToMe(TokenReducer):

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, Subset, default_collate, get_worker_info
 from torchvision.datasets import ImageFolder
 
-from vimtr.engine.errors import CorruptImageError, CorruptImageWarning, UsageError
+from vimtr.errors import CorruptImageError, CorruptImageWarning, UsageError
 
 DIGITS = "digits"
 ON_CORRUPT = ("skip", "fail")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from vimtr.models.token_state import TokenState
-from vimtr.reduce.merge import Plan, apply_to_state
+from vimtr.reduction.merge import Plan, apply_to_state
 
 COMMON_PARAMS = ("r", "interval", "odd", "flops_reduction", "trace_source")
 
@@ -46,7 +46,7 @@ class TokenReducer:
             r, flops_reduction = self.default_schedule()
         self.requested_flops_reduction = flops_reduction
         if flops_reduction is not None:
-            from vimtr.reduce.schedule import schedule_for_flops  # avoids a cycle: schedule uses flops
+            from vimtr.reduction.schedule import schedule_for_flops  # avoids a cycle: schedule uses flops
 
             self.r = schedule_for_flops(model, self, flops_reduction)
         else:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from vimtr.flops import count_flops
-from vimtr.reduce.base import merge_blocks
+from vimtr.reduction.base import merge_blocks
 
 TOLERANCE = 0.01  # the achieved reduction must land within one percentage point of the request
 

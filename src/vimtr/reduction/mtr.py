@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vimtr.reduce.base import TokenReducer
-from vimtr.reduce.merge import importance_plan, proportional_cls_pos, split_cls
+from vimtr.reduction.base import TokenReducer
+from vimtr.reduction.merge import importance_plan, proportional_cls_pos, split_cls
 
 
 def delta_importance(aux: dict, pool: str = "none") -> torch.Tensor:

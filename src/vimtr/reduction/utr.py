@@ -46,9 +46,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vimtr.reduce.base import TokenReducer
-from vimtr.reduce.merge import Plan, _gather, proportional_cls_pos, similarity, split_cls
-from vimtr.reduce.rmeeto import RMeeTo
+from vimtr.reduction.base import TokenReducer
+from vimtr.reduction.merge import Plan, _gather, proportional_cls_pos, similarity, split_cls
+from vimtr.reduction.rmeeto import RMeeTo
 
 
 class UTR(TokenReducer):

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from vimtr.reduce.base import TokenReducer
-from vimtr.reduce.merge import Plan, proportional_cls_pos
+from vimtr.reduction.base import TokenReducer
+from vimtr.reduction.merge import Plan, proportional_cls_pos
 
 
 class RandomPrune(TokenReducer):

@@ -35,8 +35,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vimtr.reduce.base import TokenReducer
-from vimtr.reduce.merge import Plan, proportional_cls_pos, split_cls
+from vimtr.reduction.base import TokenReducer
+from vimtr.reduction.merge import Plan, proportional_cls_pos, split_cls
 
 
 class EViT(TokenReducer):
