@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 import vimtr
 from vimtr.engine import common
-
-RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's RandAugment, as R-MeeTo (timm 0.4.12 create_transform)
+from vimtr.engine.settings import RAND_AUGMENT
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

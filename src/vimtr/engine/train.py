@@ -19,7 +19,7 @@ import contextlib
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,61 +29,10 @@ from tqdm.auto import tqdm
 import vimtr
 from vimtr.data import folders as data
 from vimtr.engine import checkpoints, common, distributed, recipe
+from vimtr.engine import settings as settings_mod
+from vimtr.engine.settings import RESUME_KEYS, Settings
 from vimtr.errors import UsageError
 from vimtr.engine.evaluate import evaluate
-
-# Settings that must not change when resuming: the data order, the schedule or the RNG streams depend on them.
-RESUME_KEYS = ("epochs", "batch_size", "accum_steps", "world_size", "seed", "train_fraction", "train_size",
-               "repeated_aug", "warmup_steps", "lr", "min_lr", "augment", "mixup", "cutmix", "ema_decay", "drop_path")
-
-
-@dataclass
-class Settings:
-    """Hyperparameters of one run (the keyword arguments of :func:`retrain`)."""
-    epochs: int = 1
-    batch_size: int = 64
-    accum_steps: int = 1
-    lr: float | None = None
-    base_lr: float = 2e-5
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    clip_grad: float | None = None
-    drop_path: float | None = None
-    distill_weight: float = 0.5
-    ce_weight: float = 1.0
-    distill_temperature: float = 1.0
-    ema_decay: float | None = None
-    augment: bool = False
-    auto_augment: str = recipe.RAND_AUGMENT
-    color_jitter: float = 0.4
-    reprob: float = 0.25
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    label_smoothing: float = 0.1
-    repeated_aug: int = 1
-    train_fraction: float = 1.0
-    seed: int = 0
-    workers: int = 0
-    eval_batch_size: int | None = None
-    save_every_steps: int = 0
-    eval_every_steps: int = 0
-    recover_within: float | None = None
-    eval_before: bool = True
-
-    def check(self):
-        for name in ("epochs", "batch_size", "accum_steps"):
-            common.check_batch_size(getattr(self, name), name)
-        for name in ("save_every_steps", "eval_every_steps", "warmup_steps", "workers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise UsageError(f"{name} must be an integer >= 0, got {v!r}")
-        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
-            raise UsageError(f"drop_path is a probability in [0, 1), got {self.drop_path!r}")
-        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
-            raise UsageError(f"mixup/cutmix mix each batch with its reverse and need an even batch size; got "
-                             f"batch_size={self.batch_size}")
-
 
 class _Writer:
     """JSON lines per evaluation (and TensorBoard scalars if asked and installed), rank 0 only."""
@@ -120,19 +69,10 @@ class _Writer:
 
 
 # ---------------------------------------------------------------------------------------------- the API
-def retrain(student, train_set, *, teacher=None, val_set=None, epochs: int = 1, batch_size: int = 64,
-            accum_steps: int = 1, lr: float | None = None, base_lr: float = 2e-5, min_lr: float = 1e-6,
-            warmup_steps: int = 0, weight_decay: float = 0.05, clip_grad: float | None = None,
-            drop_path: float | None = None, distill_weight: float = 0.5, ce_weight: float = 1.0,
-            distill_temperature: float = 1.0,
-            ema_decay: float | None = None, ema_init: dict | None = None, augment: bool = False,
-            auto_augment: str = recipe.RAND_AUGMENT, color_jitter: float = 0.4, reprob: float = 0.25,
-            mixup: float = 0.0, cutmix: float = 0.0, label_smoothing: float = 0.1, repeated_aug: int = 1,
-            train_fraction: float = 1.0, seed: int = 0, device="cpu", amp=None, workers: int = 0,
-            eval_batch_size: int | None = None, out_dir=None, save_every_steps: int = 0,
-            eval_every_steps: int = 0, resume=None, recover_within: float | None = None,
-            reference_top1: float | None = None, eval_before: bool = True, tensorboard: bool = False,
-            progress: bool = True, log=print, run_config: dict | None = None) -> dict:
+def retrain(student, train_set, *, teacher=None, val_set=None, settings: Settings | None = None, device="cpu",
+            amp=None, ema_init: dict | None = None, out_dir=None, resume=None, reference_top1: float | None = None,
+            tensorboard: bool = False, progress: bool = True, log=print, run_config: dict | None = None,
+            **hyperparameters) -> dict:
     """Re-train ``student`` (a reduced vimtr model, trained in place) on ``train_set``; returns a summary.
 
     ``train_set`` yields ``(image, label)``: tensors the model takes as they are, or PIL images
@@ -142,6 +82,8 @@ def retrain(student, train_set, *, teacher=None, val_set=None, epochs: int = 1, 
     ``ema_decay``: keep an EMA of the weights, started from ``ema_init`` (a state dict, e.g. the official
     checkpoint's ``model_ema``) or the student; with an EMA, "best" and the recovery time follow the EMA's
     accuracy, the model the official Vim-B recipe reports. ``amp``: None or an autocast dtype.
+    Hyperparameters (``epochs``, ``batch_size``, ``lr``, ``distill_weight``, ...) are the fields of
+    :class:`vimtr.engine.settings.Settings`, given as keywords or as ``settings=`` (keywords win).
     ``drop_path``: set the student's top stochastic-depth rate for training (``set_drop_path``); None keeps
     the model's own (0.1 for the registry's Vims, as R-MeeTo leaves it).
     ``out_dir``: write ``last.pt``/``best.pt``/``log.jsonl``/``results.json``; ``resume``: a checkpoint
@@ -153,15 +95,7 @@ def retrain(student, train_set, *, teacher=None, val_set=None, epochs: int = 1, 
     "recovered_minutes", "recovered_step", "steps", "train_minutes", "minutes", "corrupt", "checkpoint",
     "config"}``.
     """
-    settings = Settings(
-        epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, lr=lr, base_lr=base_lr, min_lr=min_lr,
-        warmup_steps=warmup_steps, weight_decay=weight_decay, clip_grad=clip_grad, drop_path=drop_path,
-        distill_weight=distill_weight,
-        ce_weight=ce_weight, distill_temperature=distill_temperature, ema_decay=ema_decay, augment=augment,
-        auto_augment=auto_augment, color_jitter=color_jitter, reprob=reprob, mixup=mixup, cutmix=cutmix,
-        label_smoothing=label_smoothing, repeated_aug=repeated_aug, train_fraction=train_fraction, seed=seed,
-        workers=workers, eval_batch_size=eval_batch_size, save_every_steps=save_every_steps,
-        eval_every_steps=eval_every_steps, recover_within=recover_within, eval_before=eval_before)
+    settings = Settings.of(settings, **hyperparameters)
     trainer = Trainer(student, train_set, settings, teacher=teacher, val_set=val_set, device=device, amp=amp,
                       ema_init=ema_init, out_dir=out_dir, reference_top1=reference_top1, tensorboard=tensorboard,
                       progress=progress, log=log, run_config=run_config)
@@ -534,47 +468,15 @@ def add_cli(subparsers):
     g.add_argument("--output", required=True, metavar="DIR", help="checkpoints, logs and results go here")
     g.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue from a checkpoint (no value: OUTPUT/last.pt if it exists, else start)")
-    g.add_argument("--train-fraction", type=float, default=1.0, help="train on a fixed random fraction (ablation)")
-    g.add_argument("--save-every-steps", type=int, default=0, metavar="N",
-                   help="also checkpoint every N optimizer steps (a kill loses at most N steps)")
-    g.add_argument("--eval-every-steps", type=int, default=0, metavar="N", help="also evaluate every N steps")
     g.add_argument("--no-eval", action="store_true", help="no validation (and no recovery time)")
-    g.add_argument("--recover-within", type=float, default=1.0, metavar="POINTS",
-                   help="report training minutes until top-1 is within POINTS of the unreduced model")
     g.add_argument("--tensorboard", action="store_true", help="also log to OUTPUT/tensorboard (if installed)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=3, help="R-MeeTo: 30 (Vim-Ti), 15 (Vim-S/B), 3 (ablations)")
-    g.add_argument("--batch-size", type=int, default=128, help="per process")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--base-lr", type=float, default=2e-5, help="learning rate per 512 images of global batch")
-    g.add_argument("--lr", type=float, help="absolute learning rate (overrides --base-lr scaling)")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="end of the cosine schedule")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up from --min-lr (R-MeeTo: none)")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay (not on norms/biases/embeddings)")
-    g.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
-    g.add_argument("--drop-path", type=float, metavar="RATE",
-                   help="the student's top stochastic-depth rate (default: the model's, 0.1; R-MeeTo keeps it)")
-    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights, started from the checkpoint's model_ema if "
-                        "it has one (Vim-B recipe); best.pt and the recovery time then follow the EMA")
-    g.add_argument("--model-ema-decay", type=float, default=0.99996, help="per optimizer step")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                   help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--seed", type=int, default=0, help="data order, augmentation, drop-path, mixup")
-    g = p.add_argument_group("distillation")
-    g.add_argument("--distill-weight", type=float, default=0.5, help="weight of KL(teacher || student)")
-    g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the (soft-target) cross-entropy")
-    g.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature T (loss × T²)")
-    g.add_argument("--no-distill", action="store_true", help="train on the labels only")
-    g = p.add_argument_group("augmentation (DeiT recipe; tensor datasets such as digits get none)")
-    g.add_argument("--no-augment", action="store_true", help="official eval preprocessing instead")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment spec ('' for none)")
-    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter strength")
-    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--repeated-aug", type=int, default=3, help="DeiT repeated augmentation (1 = off)")
-    g.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
+    groups = settings_mod.add_cli(p, {"data": g})
+    groups["optimisation"].add_argument(
+        "--model-ema", action="store_true", help="keep an EMA of the weights, started from the checkpoint's "
+        "model_ema if it has one (Vim-B recipe); best.pt and the recovery time then follow the EMA")
+    groups["optimisation"].add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                                        help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
+    groups["distillation"].add_argument("--no-distill", action="store_true", help="train on the labels only")
     common.add_runtime_args(p, workers=8)
     p.set_defaults(func=run)
     return p
@@ -656,24 +558,15 @@ def _run(args, ctx: distributed.Context):
         if ds is not None:
             data.check_classes(model, ds, what)
             data.check_image_model(model, ds)
-    augment = not args.no_augment and args.data != data.DIGITS
     run_config = {"command": "retrain", "checkpoint": args.checkpoint, "teacher": args.teacher,
                   "data": data.describe(train_set), "val_data": data.describe(val_set) if val_set else None}
-    summary = retrain(
-        model, train_set, teacher=teacher, val_set=val_set, epochs=args.epochs, batch_size=args.batch_size,
-        accum_steps=args.accum_steps, lr=args.lr, base_lr=args.base_lr, min_lr=args.min_lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-        drop_path=args.drop_path, distill_weight=0.0 if args.no_distill else args.distill_weight,
-        ce_weight=args.ce_weight,
-        distill_temperature=args.distill_temperature, ema_decay=args.model_ema_decay if args.model_ema else None,
-        ema_init=ema_init,
-        augment=augment, auto_augment=args.aa, color_jitter=args.color_jitter, reprob=args.reprob,
-        mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.smoothing, repeated_aug=args.repeated_aug,
-        train_fraction=args.train_fraction, seed=args.seed, device=ctx.device, amp=amp, workers=args.workers,
-        eval_batch_size=args.eval_batch_size, out_dir=out, save_every_steps=args.save_every_steps,
-        eval_every_steps=args.eval_every_steps, resume=resume,
-        recover_within=None if args.no_eval else args.recover_within, tensorboard=args.tensorboard,
-        progress=not args.no_progress, run_config=run_config)
+    settings = settings_mod.from_args(
+        args, distill_weight=0.0 if args.no_distill else args.distill_weight,
+        ema_decay=args.ema_decay if args.model_ema else None, augment=args.augment and args.data != data.DIGITS,
+        recover_within=None if args.no_eval else args.recover_within)
+    summary = retrain(model, train_set, teacher=teacher, val_set=val_set, settings=settings, device=ctx.device, amp=amp,
+                      ema_init=ema_init, out_dir=out, resume=resume, tensorboard=args.tensorboard,
+                      progress=not args.no_progress, run_config=run_config)
     if ctx.is_main:
         print(_describe_summary(summary), flush=True)
     return summary
