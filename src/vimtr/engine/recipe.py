@@ -80,6 +80,17 @@ def distill_kl(student_logits, teacher_logits, temperature: float = 1.0):
                     reduction="batchmean", log_target=True) * (t * t)
 
 
+def training_loss(logits, targets, criterion, *, ce_weight: float = 1.0, teacher_logits=None,
+                  distill_weight: float = 0.0, temperature: float = 1.0):
+    """The re-training objective on one batch: ``ce_weight · criterion(logits, targets)`` plus, with a
+    teacher, ``distill_weight · distill_kl(logits, teacher_logits, temperature)`` (R-MeeTo: 1 and 0.5, T = 1).
+    ``criterion`` is :func:`criterion_and_mixup`'s (soft-target CE after mixup, label-smoothed CE otherwise)."""
+    loss = ce_weight * criterion(logits, targets)
+    if teacher_logits is not None:
+        loss = loss + distill_weight * distill_kl(logits, teacher_logits, temperature)
+    return loss
+
+
 def make_teacher(student):
     """The student's weights without its reduction: a frozen copy in eval mode (no drop-path)."""
     teacher = vimtr.restore(copy.deepcopy(common.unwrap(student)))

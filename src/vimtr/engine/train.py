@@ -303,11 +303,11 @@ class Trainer:
         with no_sync:
             with common.autocast(dev, self.amp):
                 logits = self.model(x).float()
-                loss = s.ce_weight * self.criterion(logits, targets)
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        t_logits = self.teacher(x).float()
-                    loss = loss + s.distill_weight * recipe.distill_kl(logits, t_logits, s.distill_temperature)
+                with torch.no_grad():
+                    t_logits = self.teacher(x).float() if self.teacher is not None else None
+                loss = recipe.training_loss(logits, targets, self.criterion, ce_weight=s.ce_weight,
+                                            teacher_logits=t_logits, distill_weight=s.distill_weight,
+                                            temperature=s.distill_temperature)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {st['step']}; lower the learning "
                                          f"rate or clip gradients (--clip-grad)")
