@@ -310,7 +310,7 @@ def bipartite_plan(metric: torch.Tensor, r: int, distance: str = "cosine", kth: 
             dst_pos = (n_a - r) + dst_b
             pos_rule_len, pos_rule_r = n_a, r  # R-MeeTo inserts the class token among unmerged A tokens
         cls_pos = None
-        if cls_index is not None:
+        if cls_index is not None:  # held by test_reduce_properties (expected_trace), test_method_decisions (rmeeto)
             cls_pos = (cls_index * (pos_rule_len - pos_rule_r)) // pos_rule_len
         if prune:
             return Plan(keep=keep, cls_pos=cls_pos)

@@ -6,6 +6,7 @@ Order-preserving bipartite token merging at the start of blocks 2, 4, ..., 22 (`
 - the r best-matched A tokens merge into their matches: size-weighted mean, destination included;
 - ``ordered=True``: survivors keep their original order; the class token is re-inserted at
   floor(pos·(L−r)/L); hidden and residual streams merged with the same sizes; r capped at (L−1)//2.
+  (Held by tests/test_golden.py and tests/test_method_decisions.py: groups, class position, weighted means.)
 
 Default schedule: the paper's r (5 for Tiny-width models, 11 for wider ones), constant per event.
 ``compare=c`` reproduces the official code's last-merge-block rule (the last merging block cuts the
