@@ -238,9 +238,14 @@ def test_epoch_sampler_shards_repeats_and_skips():
 
 
 def test_ddp_two_processes_gloo(tmp_path):
+    """Under torchrun, with uneven shards: 17 training images (8 per rank, in whole steps) and 5 to evaluate
+    (3 + 2, every one counted once)."""
     data_dir = tmp_path / "data"
     write_folder(data_dir / "train", per_class=4)
     write_folder(data_dir / "val", per_class=1, seed=1)
+    for split in ("train", "val"):  # one more image each: shards of unequal size
+        image = (data_dir / split / "n00000001" / "0.png").read_bytes()
+        (data_dir / split / "n00000002" / "extra.png").write_bytes(image)
     ckpt = save_ckpt(tiny_model(), tmp_path / "tiny.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "vimtr.engine.train", "--checkpoint", str(ckpt), "--method", "rmeeto", "--num-prune", "3",
@@ -252,7 +257,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert len(ck["rng"]) == 2 and ck["train"]["config"]["world_size"] == 2
     assert ck["train"]["config"]["global_batch"] == 8 and ck["train"]["state"]["step"] == 2
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["final"]["images"] == 4 and results["final"]["world_size"] == 2
+    assert results["final"]["images"] == 5 and results["final"]["world_size"] == 2
+    assert ck["train"]["config"]["train_size"] == 17
 
 
 def test_retrain_cli_on_digits(tmp_path):
