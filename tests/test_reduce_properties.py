@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import vimtr
 from vimtr.models.token_state import TokenState
 from vimtr.reduction import list_methods, reduce, restore
-from vimtr.reduction.merge import Plan, apply_plan, apply_to_state, bipartite_plan, importance_plan
+from vimtr.reduction.merge import Plan, apply_plan, apply_to_state, bipartite_plan, importance_plan, split_cls
 
 METHODS = list_methods()
 PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 # Parameter variants worth exploring per method (the first is the default).
 VARIANTS = {
-    "mtr": [{}, {"prune": True}, {"keep_ratio": 0.0, "weighted": True}],
+    "mtr": [{}, {"prune": True}, {"keep_ratio": 0.0, "weighted": True}, {"score": "B"}, {"score": "C"},
+            {"score": "cls"}, {"order": False}, {"score": "cls", "order": False, "prune": True}],
     "rmeeto": [{}, {"ordered": False}, {"prune": True}],
     "tome": [{}],
     "evit": [{}, {"fuse": False}, {"score": "clip"}],
@@ -50,7 +51,8 @@ def prunes(method, params):
 
 
 def keeps_order(method, params):
-    return not unordered(method, params)
+    """Survivors in their original order (MTR's order=False lays them out by importance instead)."""
+    return not unordered(method, params) and not (method == "mtr" and params.get("order") is False)
 
 
 def expected_trace(method, params, length, cls, r):
@@ -192,6 +194,8 @@ def synthetic_state(batch, length, cls_index, channels, equal=False, seed=0):
         sizes[:, cls_index] = 1
     E = 2 * channels
     aux = {"delta_f": torch.rand(batch, E, length, generator=g), "delta_b": torch.rand(batch, E, length, generator=g)}
+    for key in ("B_f", "B_b", "C_f", "C_b"):  # what MTR's B/C ablation scores read
+        aux[key] = torch.randn(batch, length, 4, generator=g)
     return TokenState(hidden=hidden, residual=residual, cls_index=cls_index, sizes=sizes, aux=aux)
 
 
@@ -250,6 +254,10 @@ def test_every_method_plans_a_valid_step(case):
         assert (plan.keep[:, 1:-1] > plan.keep[:, :-2]).all() and (plan.dst == T - r - 1).all()
     elif keeps_order(method, params):
         assert (plan.keep[:, 1:] > plan.keep[:, :-1]).all()
+    elif method == "mtr":  # order=False: survivors by descending importance
+        _, s = split_cls(reducer.score(state).unsqueeze(-1), cls_index)
+        kept = s.squeeze(-1).gather(1, plan.keep)
+        assert (kept[:, 1:] <= kept[:, :-1]).all()
 
 
 @settings(max_examples=25, deadline=None)
