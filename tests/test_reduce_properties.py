@@ -26,17 +26,29 @@ VARIANTS = {
     "mtr": [{}, {"prune": True}, {"keep_ratio": 0.0, "weighted": True}, {"score": "B"}, {"score": "C"},
             {"score": "cls"}, {"order": False}, {"score": "cls", "order": False, "prune": True}],
     "rmeeto": [{}, {"ordered": False}, {"prune": True}],
-    "tome": [{}],
+    "tome": [{}, {"order": "score"}, {"cls_in_matching": True}, {"cls_in_matching": True, "order": "score"}],
     "evit": [{}, {"fuse": False}, {"score": "clip"}],
     "utr": [{}, {"prune_ratio": 0.0}, {"prune_ratio": 1.0, "feature": "hidden"}, {"residual": "hybrid"}],
     "random": [{}, {"seed": 7}],
 }
 
 
-def cap(method, length):
+def cap(method, length, params=None):
     """Tokens one step may remove: bipartite methods at most (L−1)//2 (each merged A token needs its own
-    B token); the others keep the class token and one patch."""
+    B token); the others keep the class token and one patch. ToMe with the class token in its matching
+    leaves a 3-token sequence alone (its class token may be the only B token)."""
+    if method == "tome" and (params or {}).get("cls_in_matching") and length < 4:
+        return 0
     return (length - 1) // 2 if method in ("rmeeto", "tome", "utr") else length - 2
+
+
+def tome_own_cls(params):
+    return bool(params.get("cls_in_matching"))
+
+
+def needs_first_cls(method, params):
+    """ToMe's own class-token rule with index order is defined for a class token at index 0 only."""
+    return method == "tome" and tome_own_cls(params) and params.get("order", "index") == "index"
 
 
 def unordered(method, params):
@@ -60,7 +72,15 @@ def expected_trace(method, params, length, cls, r):
     tokens, cls_index = [], []
     for ri in r:
         if ri:
-            if unordered(method, params):  # R-MeeTo's unordered rule: among the |A| = ceil(T/2) A tokens
+            if method == "tome" and tome_own_cls(params):  # ToMe's: the class token is in the even/odd split
+                n_a = (length + 1) // 2  # even positions of the whole sequence
+                if params.get("order", "index") == "index":
+                    assert cls == 0  # the only class-token place this rule accepts: it stays first
+                elif cls % 2 == 0:  # an A token with a −inf score: the last unmerged A token
+                    cls = n_a - ri - 1
+                else:  # a B token: stays in the B block, behind the unmerged A tokens
+                    cls = (n_a - ri) + cls // 2
+            elif unordered(method, params):  # R-MeeTo's unordered rule: among the |A| = ceil(T/2) A tokens
                 n_a = length // 2
                 cls = cls * (n_a - ri) // n_a
             else:  # floor(pos·(L−r)/L)
@@ -90,7 +110,12 @@ def models(draw):
     return vimtr.create_model(**kw, **common).eval()
 
 
-def draw_schedule(data, method, depth, length):
+def variants_for(model, method):
+    """The method's variants this model accepts (ToMe's own class-token rule needs it at index 0)."""
+    return [v for v in VARIANTS[method] if not (needs_first_cls(method, v) and model.initial_cls_index != 0)]
+
+
+def draw_schedule(data, method, depth, length, params=None):
     """Either ``(r, interval, odd)`` (int r at the R-MeeTo blocks) or a per-block list, always feasible."""
     if data.draw(st.booleans(), label="int schedule"):
         interval, odd = data.draw(st.integers(1, 3), label="interval"), data.draw(st.booleans(), label="odd")
@@ -99,7 +124,7 @@ def draw_schedule(data, method, depth, length):
         def fits(r):
             L = length
             for i in blocks:
-                if r > cap(method, L):
+                if r > cap(method, L, params):
                     return False
                 L -= r
             return True
@@ -111,7 +136,7 @@ def draw_schedule(data, method, depth, length):
         return dict(r=r, interval=interval, odd=odd), [r if i in blocks else 0 for i in range(depth)]
     r, L = [0], length
     for _ in range(1, depth):
-        ri = data.draw(st.integers(0, max(cap(method, L), 0)), label="r_i")
+        ri = data.draw(st.integers(0, max(cap(method, L, params), 0)), label="r_i")
         r.append(ri)
         L -= ri
     return dict(r=r), r
@@ -121,11 +146,11 @@ def draw_schedule(data, method, depth, length):
 @PROPS
 @given(model=models(), method=st.sampled_from(METHODS), data=st.data())
 def test_schedule_class_token_sources_order_and_restore(model, method, data):
-    params = data.draw(st.sampled_from(VARIANTS[method]), label="params")
+    params = data.draw(st.sampled_from(variants_for(model, method)), label="params")
     batch = data.draw(st.integers(1, 3), label="batch")
     L0 = model.num_tokens if hasattr(model, "num_tokens") else model.num_patches + 1
     P, cls0 = L0 - 1, model.initial_cls_index
-    sched, r = draw_schedule(data, method, len(model.layers), L0)
+    sched, r = draw_schedule(data, method, len(model.layers), L0, params)
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="input seed"))
     x = torch.randn(batch, *model.input_size, generator=g)
     with torch.no_grad():
@@ -169,9 +194,9 @@ def test_schedule_class_token_sources_order_and_restore(model, method, data):
 @given(model=models(), method=st.sampled_from(METHODS), data=st.data())
 def test_planned_lengths_follow_the_schedule(model, method, data):
     """Without a forward: the reducer's planned lengths and applied r are the schedule's."""
-    params = data.draw(st.sampled_from(VARIANTS[method]), label="params")
+    params = data.draw(st.sampled_from(variants_for(model, method)), label="params")
     L0 = model.num_tokens if hasattr(model, "num_tokens") else model.num_patches + 1
-    sched, r = draw_schedule(data, method, len(model.layers), L0)
+    sched, r = draw_schedule(data, method, len(model.layers), L0, params)
     reduce(model, method, **sched, **params)
     assert model.reducer.lengths == expected_trace(method, params, L0, model.initial_cls_index, r)[0]
     assert model.reducer.applied == r
@@ -200,7 +225,8 @@ def synthetic_state(batch, length, cls_index, channels, equal=False, seed=0):
 
 
 def reducer_for(method, params, channels=8, depth=3):
-    model = vimtr.create_model("vim_tiny", depth=depth, embed_dim=channels, d_state=4, img_size=16, patch_size=4)
+    name = "videomamba_tiny" if needs_first_cls(method, params) else "vim_tiny"
+    model = vimtr.create_model(name, depth=depth, embed_dim=channels, d_state=4, img_size=16, patch_size=4)
     reduce(model, method, r=[0] * depth, **params)
     return model.reducer
 
@@ -209,9 +235,9 @@ def reducer_for(method, params, channels=8, depth=3):
 def plan_cases(draw):
     method = draw(st.sampled_from(METHODS))
     params = draw(st.sampled_from(VARIANTS[method]))
-    length = draw(st.integers(3, 40))
-    cls_index = draw(st.integers(0, length - 1))
-    r = draw(st.integers(1, cap(method, length)))  # length >= 3: every method can remove one
+    length = draw(st.integers(4 if tome_own_cls(params) else 3, 40))
+    cls_index = 0 if needs_first_cls(method, params) else draw(st.integers(0, length - 1))
+    r = draw(st.integers(1, cap(method, length, params)))  # length >= 3 (4): every method can remove one
     batch = draw(st.integers(1, 3))
     return method, params, length, cls_index, r, batch
 
@@ -244,10 +270,12 @@ def test_every_method_plans_a_valid_step(case):
         assert plan.src.shape[1] == r  # every removed token is merged somewhere
     rule = expected_trace(method, params, length, cls_index, [r])[1][0]
     assert plan.cls_pos == rule
-    if method == "tome":  # ToMe's concatenation: unmerged A tokens (sorted), then every B token in order
+    if method == "tome" and not tome_own_cls(params):  # ToMe's concatenation: unmerged A, then every B in order
         n_b = T // 2
         a, b_part = plan.keep[:, : T - r - n_b], plan.keep[:, T - r - n_b:]
-        assert (a % 2 == 0).all() and (a[:, 1:] > a[:, :-1]).all()
+        assert (a % 2 == 0).all()
+        if params.get("order", "index") == "index":  # unmerged A tokens by position, else by match score
+            assert (a[:, 1:] > a[:, :-1]).all()
         assert torch.equal(b_part, (2 * torch.arange(n_b) + 1).expand(batch, -1))
         assert (plan.dst >= T - r - n_b).all() and (plan.src % 2 == 0).all()
     elif method == "evit" and params.get("fuse", True):  # kept tokens in order, then the fused one
