@@ -3,7 +3,12 @@
 ToMe: facebookresearch/ToMe ``tome/merge.py`` (``bipartite_soft_matching`` + ``merge_wavg`` +
 ``merge_source``), written out below from its semantics, then compared group by group with vimtr's
 ``tome`` over several steps, with and without a class token.
+
+PuMer: ToR_SSM's ``pumer`` strategy (``pom.py`` + its ``bipartite_soft_matching``/``merge_wavg``/``unmerge``).
+HSA: the released ToP-ViM pruning step (``vim/models_mamba.py``).
 """
+import math
+
 import pytest
 import torch
 
@@ -60,18 +65,24 @@ def groups(source, offset=0, cls_row=None):
     return out
 
 
-def vimtr_tome_steps(x, r, steps, cls_index, **params):
-    """vimtr's ToMe reducer run ``steps`` times on ``x`` (no block in between: the merged tokens are the next
-    metric, as in :func:`tome_reference`); returns the final state."""
+def vimtr_steps(method, x, r, steps, cls_index, residual=None, **params):
+    """vimtr's ``method`` reducer run for ``steps`` steps removing ``r`` (an int, or one per step) on ``x``
+    (no block in between: the reduced tokens are the next step's input, as in the references here); returns
+    the final state."""
     family = "videomamba_tiny" if cls_index == 0 else "vim_tiny"  # only the reducer's rules are used
     model = vimtr.create_model(family, depth=steps + 1, embed_dim=8, d_state=4, img_size=16, patch_size=4)
-    reduce(model, "tome", r=[0] * (steps + 1), trace_source=True, **params)
+    reduce(model, method, r=[0] * (steps + 1), trace_source=True, **params)
     reducer = model.reducer
-    reducer.applied = [0] + [r] * steps
-    state = reducer(0, TokenState(hidden=x.clone(), residual=x.clone(), cls_index=cls_index))
+    reducer.applied = [0] + (list(r) if isinstance(r, (list, tuple)) else [r] * steps)
+    res = x.clone() if residual is None else residual.clone()
+    state = reducer(0, TokenState(hidden=x.clone(), residual=res, cls_index=cls_index))
     for i in range(1, steps + 1):
         state = reducer(i, state)
     return state
+
+
+def vimtr_tome_steps(x, r, steps, cls_index, **params):
+    return vimtr_steps("tome", x, r, steps, cls_index, **params)
 
 
 def tome_reference_steps(x, r, steps, class_token):
@@ -150,3 +161,114 @@ def test_tome_cls_in_matching_refuses_a_middle_class_token_with_index_order():
         reduce(model, "tome", r=2, order="position")
     with pytest.raises(ValueError, match="cls_in_matching"):
         reduce(model, "tome", r=2, cls_in_matching="yes")
+
+
+# --------------------------------------------------------------------------------------------- PuMer
+def tor_ssm_pumer_reference(x, r, released_pairing):
+    """One step of ToR_SSM's ``pumer`` (no class token): matching on the ReLU-clipped tokens, even/odd sets,
+    the r best edges merged as plain means (``merge_wavg`` without sizes), then ``unmerge`` back to the
+    original positions and the emptied (all-zero) rows dropped. ``released_pairing``: ToR_SSM sorts the
+    sources by position after pairing them with their destinations (as released); else each source goes to
+    its own match."""
+    B, T, C = x.shape
+    m = x.clamp(min=0)
+    m = m / m.norm(dim=-1, keepdim=True)
+    best, match = (m[:, 0::2] @ m[:, 1::2].transpose(1, 2)).max(dim=-1)
+    ranked = best.argsort(dim=-1, descending=True)
+    unmerged, merged = ranked[:, r:].sort(dim=-1).values, ranked[:, :r]
+    into = match.gather(1, merged)
+    if released_pairing:
+        merged = merged.sort(dim=-1).values
+
+    def merge(t):
+        even, odd = t[:, 0::2], t[:, 1::2]
+        moved = even.gather(1, merged[..., None].expand(-1, -1, t.shape[-1]))
+        return even.gather(1, unmerged[..., None].expand(-1, -1, t.shape[-1])), \
+            odd.scatter_reduce(1, into[..., None].expand(-1, -1, t.shape[-1]), moved, reduce="sum")
+
+    (kept, odd), (_, count) = merge(x), merge(torch.ones(B, T, 1))
+    out = torch.zeros(B, T, C)
+    out[:, 1::2] = odd / count
+    out.scatter_(1, (2 * unmerged)[..., None].expand(-1, -1, C), kept)
+    return out[out.abs().sum(-1) != 0].reshape(B, T - r, C)
+
+
+@pytest.mark.parametrize("pairing", ["match", "released"])
+def test_pumer_is_tor_ssm_pumer(pairing):
+    """No class token (ToR_SSM's setting): vimtr's pumer gives ToR_SSM's output, step after step, in both
+    pairings (``released`` pairs the i-th source by position with the i-th best edge's destination)."""
+    x = tokens(6, T=128)
+    ref = x
+    for _ in range(3):
+        ref = tor_ssm_pumer_reference(ref, 12, released_pairing=pairing == "released")
+    state = vimtr_steps("pumer", x, 12, 3, None, pairing=pairing)
+    torch.testing.assert_close(state.hidden, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state.residual, ref, rtol=1e-5, atol=1e-6)
+    assert state.sizes.sum(1).eq(128).all()  # every input token lives in exactly one output token
+    other = vimtr_steps("pumer", x, 12, 3, None, pairing="released" if pairing == "match" else "match")
+    assert not torch.allclose(other.hidden, ref)  # the pairing matters
+
+
+def test_pumer_keeps_order_and_the_class_token():
+    x = tokens(7, T=197)
+    state = vimtr_steps("pumer", x, [11, 11], 2, 98)
+    assert state.cls_index == (98 * 186 // 197) * 175 // 186
+    c = state.cls_index
+    assert torch.equal(state.hidden[:, c], x[:, 98]) and not state.source[:, c].any()
+    rows = torch.cat((state.source[:, :c], state.source[:, c + 1:]), dim=1)
+    for b in range(2):  # the tokens that stand for one patch are in patch order
+        single = rows[b][rows[b].sum(-1) == 1].argmax(-1)
+        assert (single[1:] > single[:-1]).all() and len(single) > 100
+
+
+# --------------------------------------------------------------------------------------------- HSA
+def top_vim_reference(hidden, residual, y_b, keep_ratio=0.8):
+    """One pruning step of the released ToP-ViM code (Vim, middle class token at N // 2): the importance is
+    the backward scan's SSM output ``y_b`` (B, E, N) summed over channels *in the scan's order* (never
+    flipped back), the class token's is −inf (the release does that for the first sample only; here for
+    every sample), ceil((N−1)·keep_ratio) made odd tokens are kept: that many minus one patch tokens, sorted
+    by index, with the class token in the middle of them."""
+    B, N, C = hidden.shape
+    score = y_b.sum(dim=1)
+    c = N // 2
+    score[:, c] = float("-inf")
+    n_keep = math.ceil((N - 1) * keep_ratio)
+    n_keep += n_keep % 2 == 0
+    top = score.topk(n_keep - 1, dim=1).indices.sort(dim=-1).values
+    half = top.shape[1] // 2
+
+    def take(t):
+        rows = lambda idx: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        return torch.cat((rows(top[:, :half]), t[:, c:c + 1], rows(top[:, half:])), dim=1)
+
+    return take(hidden), take(residual)
+
+
+def test_hsa_released_options_are_the_released_pruning_step():
+    """score='raw', mirror=True, cls_position='middle' on the schedule of ``released_schedule`` reproduce the
+    released code's three pruning steps on Vim-S's 197 tokens, with the backward SSM output stood in by what
+    vimtr's mixer exposes (the mixer output, in the backward scan's order)."""
+    from vimtr.reduction.hsa import released_schedule
+
+    g = torch.Generator().manual_seed(8)
+    hidden, residual = torch.randn(2, 197, 16, generator=g), torch.randn(2, 197, 16, generator=g)
+    r = [v for v in released_schedule(24, 197) if v]
+    assert r == [40, 32, 24]
+    ref_h, ref_r = hidden, residual
+    for _ in r:
+        ref_h, ref_r = top_vim_reference(ref_h, ref_r, ref_h.flip(1).transpose(1, 2))
+    state = vimtr_steps("hsa", hidden, r, 3, 98, residual=residual, score="raw", mirror=True,
+                        cls_position="middle")
+    assert torch.equal(state.hidden, ref_h) and torch.equal(state.residual, ref_r)
+    assert state.cls_index == 101 // 2
+
+
+def test_hsa_default_keeps_the_highest_clipped_activations_in_order():
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(2, 65, 16, generator=g)
+    state = vimtr_steps("hsa", hidden, [20], 1, 32)
+    rest = torch.cat((hidden[:, :32], hidden[:, 33:]), dim=1)
+    expected = rest.clamp(min=0).mean(-1).topk(44, dim=1).indices.sort(dim=1).values
+    got = torch.cat((state.hidden[:, :state.cls_index], state.hidden[:, state.cls_index + 1:]), dim=1)
+    assert torch.equal(got, rest.gather(1, expected[..., None].expand(-1, -1, 16)))
+    assert state.cls_index == 32 * 45 // 65 and torch.equal(state.hidden[:, state.cls_index], hidden[:, 32])

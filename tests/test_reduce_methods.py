@@ -19,7 +19,7 @@ count_flops = sys.modules["vimtr.flops"].flops
 
 METHODS = list_methods()
 # Methods whose every patch ends up in exactly one token (no pruning) with their default parameters.
-MERGING = {"mtr", "rmeeto", "tome", "evit"}
+MERGING = {"mtr", "rmeeto", "tome", "evit", "pumer"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -115,7 +115,7 @@ def test_gradients_reach_every_merged_token_and_no_pruned_one(method):
     model, out = one_step(method, 8, hidden)
     out.hidden.sum().backward()
     reached = hidden.grad.abs().sum(-1) > 0  # (B, L)
-    pruned = {"utr": 8 - 8 // 2, "random": 8}.get(method, 0)  # UTR: half of r merged (ToR_SSM's r // 2)
+    pruned = {"utr": 8 - 8 // 2, "random": 8, "hsa": 8}.get(method, 0)  # UTR: half of r merged (ToR_SSM's r // 2)
     assert reached.sum(1).tolist() == [65 - pruned] * 2
 
 
@@ -238,7 +238,11 @@ def test_unknown_parameter_lists_the_valid_ones(method):
 
 @pytest.mark.parametrize("method,params", [("evit", {"score": "attn"}), ("evit", {"fuse": 1}),
                                            ("utr", {"prune_ratio": 1.5}), ("utr", {"feature": "x"}),
-                                           ("utr", {"residual": "prune"}), ("random", {"seed": 0.5})])
+                                           ("utr", {"residual": "prune"}), ("random", {"seed": 0.5}),
+                                           ("pumer", {"metric": "keys"}), ("pumer", {"ordered": 1}),
+                                           ("pumer", {"weighted": "no"}), ("pumer", {"pairing": "sorted"}),
+                                           ("hsa", {"score": "attn"}), ("hsa", {"mirror": 0}),
+                                           ("hsa", {"cls_position": "first"})])
 def test_bad_parameter_values(method, params):
     with pytest.raises(ValueError, match=method):
         reduce(tiny(), method, r=2, **params)

@@ -30,6 +30,8 @@ VARIANTS = {
     "evit": [{}, {"fuse": False}, {"score": "clip"}],
     "utr": [{}, {"prune_ratio": 0.0}, {"prune_ratio": 1.0, "feature": "hidden"}, {"residual": "hybrid"}],
     "random": [{}, {"seed": 7}],
+    "pumer": [{}, {"metric": "hidden"}, {"ordered": False}, {"weighted": True, "pairing": "released"}],
+    "hsa": [{}, {"score": "raw", "mirror": True}, {"score": "l2", "cls_position": "middle"}, {"score": "l1"}],
 }
 
 
@@ -39,7 +41,7 @@ def cap(method, length, params=None):
     leaves a 3-token sequence alone (its class token may be the only B token)."""
     if method == "tome" and (params or {}).get("cls_in_matching") and length < 4:
         return 0
-    return (length - 1) // 2 if method in ("rmeeto", "tome", "utr") else length - 2
+    return (length - 1) // 2 if method in ("rmeeto", "tome", "utr", "pumer") else length - 2
 
 
 def tome_own_cls(params):
@@ -52,14 +54,14 @@ def needs_first_cls(method, params):
 
 
 def unordered(method, params):
-    return method == "tome" or (method == "rmeeto" and not params.get("ordered", True))
+    return method == "tome" or (method in ("rmeeto", "pumer") and not params.get("ordered", True))
 
 
 def prunes(method, params):
     """Does this variant drop patches (so a patch may appear in no final token)?"""
     return ((method == "mtr" and params.get("prune")) or (method == "rmeeto" and params.get("prune"))
             or (method == "evit" and not params.get("fuse", True))
-            or (method == "utr" and params.get("prune_ratio", 0.5) > 0) or method == "random")
+            or (method == "utr" and params.get("prune_ratio", 0.5) > 0) or method in ("random", "hsa"))
 
 
 def keeps_order(method, params):
@@ -80,6 +82,8 @@ def expected_trace(method, params, length, cls, r):
                     cls = n_a - ri - 1
                 else:  # a B token: stays in the B block, behind the unmerged A tokens
                     cls = (n_a - ri) + cls // 2
+            elif method == "hsa" and params.get("cls_position") == "middle":  # the middle of the survivors
+                cls = (length - 1 - ri) // 2
             elif unordered(method, params):  # R-MeeTo's unordered rule: among the |A| = ceil(T/2) A tokens
                 n_a = length // 2
                 cls = cls * (n_a - ri) // n_a
@@ -270,11 +274,12 @@ def test_every_method_plans_a_valid_step(case):
         assert plan.src.shape[1] == r  # every removed token is merged somewhere
     rule = expected_trace(method, params, length, cls_index, [r])[1][0]
     assert plan.cls_pos == rule
-    if method == "tome" and not tome_own_cls(params):  # ToMe's concatenation: unmerged A, then every B in order
+    if unordered(method, params) and not tome_own_cls(params):  # [unmerged A, every B in order] (ToMe, PuMer)
         n_b = T // 2
         a, b_part = plan.keep[:, : T - r - n_b], plan.keep[:, T - r - n_b:]
         assert (a % 2 == 0).all()
-        if params.get("order", "index") == "index":  # unmerged A tokens by position, else by match score
+        if method == "pumer" or (method == "tome" and params.get("order", "index") == "index"):
+            # unmerged A tokens by position (R-MeeTo's unordered merge and ToMe's order="score": by match score)
             assert (a[:, 1:] > a[:, :-1]).all()
         assert torch.equal(b_part, (2 * torch.arange(n_b) + 1).expand(batch, -1))
         assert (plan.dst >= T - r - n_b).all() and (plan.src % 2 == 0).all()
