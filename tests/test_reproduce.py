@@ -144,6 +144,7 @@ BAD_TABLES = {  # (text replaced, replacement, what the report must name)
     "unreachable level": ("", EXTRA_ROW.format(method="hsa", params="flops_reduction = 0.97"), "unreachable"),
     "bad value": ("", EXTRA_ROW.format(method="mtr", params='r = 2, score = "attention"'), "score must be"),
     "bad checkpoint name": ('checkpoint = "vim_digits.safetensors"', 'checkpoint = "weights/vim.txt"', "vim.txt"),
+    "bad recipe": ("epochs = 1 }", "epochs = 1, recipe = { bogus_opt = 3 } }", "bogus-opt"),
 }
 
 

@@ -202,9 +202,7 @@ def run_recipe(row: T.Row, table: T.Table, args, ctx) -> Path:
         argv += ["--num-prune", str(value)] if key == "r" else ["--param", f"{key}={value}"]
     if row.retrained.get("model_ema"):
         argv.append("--model-ema")
-    for key, value in row.retrained.get("recipe", {}).items():
-        flag = "--" + key.replace("_", "-")
-        argv += [flag] if value is True else [flag, str(value)]
+    argv += T.recipe_argv(row.retrained.get("recipe", {}))
     if args.no_progress:
         argv.append("--no-progress")
     parser = argparse.ArgumentParser(prog="vimtr")

@@ -253,8 +253,12 @@ def validate(table: Table, models: dict | None = None) -> list[str]:
         model = models.get((b.model, tuple(sorted(b.overrides.items()))))
         if model is None:
             continue
-        if row.retrained and "/" in row.retrained["folder"]:
-            problems.append(f"row {row.id}: retrained folder {row.retrained['folder']!r} must be a plain name")
+        if row.retrained:
+            if "/" in row.retrained["folder"]:
+                problems.append(f"row {row.id}: retrained folder {row.retrained['folder']!r} must be a plain name")
+            problem = _check_recipe(row)
+            if problem:
+                problems.append(problem)
         if row.method is None:
             if row.params:
                 problems.append(f"row {row.id}: the unreduced model takes no params, got {row.params}")
@@ -266,3 +270,34 @@ def validate(table: Table, models: dict | None = None) -> list[str]:
         finally:
             vimtr.restore(model)
     return problems
+
+
+def recipe_argv(recipe: dict) -> list[str]:
+    """A re-trained row's extra ``vimtr retrain`` options ({"model_ema": true, "base_lr": 2e-5}) as arguments."""
+    out = []
+    for key, value in recipe.items():
+        flag = "--" + key.replace("_", "-")
+        out += [flag] if value is True else [flag, str(value)]
+    return out
+
+
+def _check_recipe(row: Row) -> str | None:
+    """The row's recipe must be options ``vimtr retrain`` accepts (parsed, nothing run)."""
+    import argparse
+
+    from vimtr.engine import train
+
+    if not isinstance(row.retrained.get("epochs"), int) or row.retrained["epochs"] < 1:
+        return f"row {row.id}: retrained.epochs must be a positive integer, got {row.retrained.get('epochs')!r}"
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # report, do not print usage and exit
+            raise ValueError(message)
+
+    parser = Parser(prog="vimtr")
+    train.add_cli(parser.add_subparsers(dest="command", required=True))
+    argv = ["retrain", "--data", "x", "--output", "x", *recipe_argv(row.retrained.get("recipe", {}))]
+    try:
+        parser.parse_args(argv)
+    except ValueError as e:
+        return f"row {row.id}: retrained.recipe {row.retrained.get('recipe')} is not valid vimtr retrain options: {e}"
+    return None
