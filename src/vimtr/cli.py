@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "vimtr.engine.train",
     "vimtr.tools.benchmark",
     "vimtr.tools.sweep",
+    "vimtr.tools.reproduce",
     "vimtr.tools.visualize",
     "vimtr.tools.warmup",
 )
