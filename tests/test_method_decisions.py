@@ -392,8 +392,9 @@ HELD_HERE = {
     "utr": "test_utr_score_classification_matching_and_hybrid_reduction",
     "random": "test_random_drops_the_seeded_subsets",
 }
-# ToMe is held against facebookresearch/ToMe's own algorithm in tests/test_baselines.py.
-HELD_ELSEWHERE = {"tome": "test_baselines.py"}
+# ToMe is held against facebookresearch/ToMe's own algorithm, PuMer and HSA against re-implementations of their
+# released steps, in tests/test_baselines.py.
+HELD_ELSEWHERE = {"tome": "test_baselines.py", "pumer": "test_baselines.py", "hsa": "test_baselines.py"}
 
 
 def test_every_method_has_a_decision_test():
