@@ -123,14 +123,16 @@ def test_compiled_ordered_plan_equals_torch_ops_with_ties(cls_index, L):
 
 # ---------------------------------------------------------------- a merge folded into the next block's add + RMSNorm
 def _pending(plan, cls_index, B, L, weight):
-    from vimtr.reduction.merge import PendingMerge
-    return PendingMerge(_FlatPlan.of(plan, cls_index, B, L, "cpu"), weight)
+    """The step's row map, as apply_to_state hands it to the next block (factors in float32)."""
+    from vimtr.reduction.merge import row_map
+    return row_map(_FlatPlan.of(plan, cls_index, B, L, "cpu"), weight, torch.empty(0))
 
 
 @pytest.mark.parametrize("cls_index", [None, 0, 4])
 @pytest.mark.parametrize("merges", [True, False])
 def test_fused_merge_add_rmsnorm_equals_merging_each_stream_first(cls_index, merges):
-    from vimtr.ops.norm_cpu import add_rmsnorm_cpu, add_rmsnorm_ref
+    from vimtr.ops import add_rms_norm_ref
+    from vimtr.ops.cpu import add_rms_norm_cpu
     g = torch.Generator().manual_seed(11)
     B, L, D = 2, 10, 24
     hidden, residual = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g) * 3
@@ -145,8 +147,8 @@ def test_fused_merge_add_rmsnorm_equals_merging_each_stream_first(cls_index, mer
     for w in (sizes[:, :hidden.shape[1]], weight, None):
         merge = _pending(plan, cls_index, B, hidden.shape[1], w)
         w_norm = torch.rand(D, generator=g) + 0.5
-        r_fused, n_fused = add_rmsnorm_cpu(hidden, residual, w_norm, 1e-5, merge=merge)
-        r_ref, n_ref = add_rmsnorm_ref(merge.apply(hidden), merge.apply(residual), w_norm, 1e-5)
+        r_fused, n_fused = add_rms_norm_cpu(hidden, residual, w_norm, 1e-5, row_map=merge)
+        r_ref, n_ref = add_rms_norm_ref(merge.apply(hidden), merge.apply(residual), w_norm, 1e-5)
         assert r_fused.shape == r_ref.shape == (B, keep.shape[1] + (cls_index is not None), D)
         torch.testing.assert_close(r_fused, r_ref, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(n_fused, n_ref, rtol=1e-6, atol=1e-5)
@@ -155,18 +157,19 @@ def test_fused_merge_add_rmsnorm_equals_merging_each_stream_first(cls_index, mer
 
 
 def test_fused_merge_falls_back_to_the_eager_merge_where_gradients_flow():
-    from vimtr.ops.norm_cpu import add_rmsnorm_cpu, add_rmsnorm_ref
+    from vimtr.ops import add_rms_norm_ref
+    from vimtr.ops.cpu import add_rms_norm_cpu
     g = torch.Generator().manual_seed(12)
     hidden = torch.randn(1, 9, 8, generator=g, requires_grad=True)
     residual = torch.randn(1, 9, 8, generator=g)
     plan = Plan(keep=torch.tensor([[0, 2, 3, 5, 7, 8]]), src=torch.tensor([[1, 4, 6]]), dst=torch.tensor([[0, 3, 3]]))
     merge = _pending(plan, None, 1, 9, None)
     w = torch.ones(8)
-    r1, n1 = add_rmsnorm_cpu(hidden, residual, w, 1e-5, merge=merge)
-    r2, n2 = add_rmsnorm_cpu(merge.apply(hidden), merge.apply(residual), w, 1e-5)
+    r1, n1 = add_rms_norm_cpu(hidden, residual, w, 1e-5, row_map=merge)
+    r2, n2 = add_rms_norm_cpu(merge.apply(hidden), merge.apply(residual), w, 1e-5)
     assert torch.equal(r1, r2) and torch.equal(n1, n2)
     (g1,) = torch.autograd.grad(n1.sum(), hidden)
-    (g2,) = torch.autograd.grad(add_rmsnorm_ref(merge.apply(hidden), merge.apply(residual), w, 1e-5)[1].sum(), hidden)
+    (g2,) = torch.autograd.grad(add_rms_norm_ref(merge.apply(hidden), merge.apply(residual), w, 1e-5)[1].sum(), hidden)
     torch.testing.assert_close(g1, g2)
 
 

@@ -1,4 +1,4 @@
-"""The fast CPU selective scan (vimtr.ops.scan_cpu) against the reference: values, gradients, bad input.
+"""The fast CPU selective scan (vimtr.ops.cpu.scan) against the reference: values, gradients, bad input.
 
 No timings here (benchmarks/scan.py has them). The first run compiles the numba kernels (a few seconds);
 numba caches them on disk for later runs.
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vimtr.ops import resolve_scan, scan_backend, selective_scan_fn, selective_scan_ref
-from vimtr.ops.scan_cpu import selective_scan_cpu
+from vimtr.ops.cpu import selective_scan_cpu
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 

@@ -115,9 +115,9 @@ def test_warmup_reaches_the_inference_and_training_kernels():
     import sys
 
     code = ("import json; from vimtr.cli import main; main(['warmup']); "
-            "from vimtr.ops import conv_cpu, norm_cpu, scan_cpu; "
-            "ks = dict(scan=scan_cpu._forward_n16, scan_backward=scan_cpu._backward_n16, conv=conv_cpu._conv_bidir, "
-            "conv_backward=conv_cpu._conv_bidir_backward, merge_norm=norm_cpu._merge_add_rmsnorm); "
+            "from vimtr.ops.cpu import conv, norm, scan_backward, scan_forward; "
+            "ks = dict(scan=scan_forward.forward_kernel(16), scan_backward=scan_backward.backward_kernel(16), "
+            "conv=conv._conv_bidir, conv_backward=conv._conv_bidir_backward, merge_norm=norm._mapped_add_rmsnorm); "
             "print(json.dumps({k: len(v.signatures) for k, v in ks.items()}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

@@ -35,11 +35,10 @@ def delta_importance(aux: dict, pool: str = "none") -> torch.Tensor:
     """MTR's importance per token (B, L) from a mixer's aux: Δ summed over the two scans (the backward
     one already in token order), then averaged over channels (or max / max-pooled, see ``pool``).
 
-    The CPU mixer path hands over ``delta_channel_sum``, that channel sum computed inside the scan
-    kernels (no (B, E, L) add and mean here: they were a third of MTR's reduction step); the other
-    paths only Δ itself."""
-    if pool != "channel_max" and "delta_channel_sum" in aux:
-        s = aux["delta_channel_sum"] / aux["delta_channels"]
+    With the channel mean, the mixer's ``delta_sum`` (that channel sum, added up by the scans themselves)
+    suffices: no (B, E, L) add and mean here (they were a third of MTR's reduction step)."""
+    if pool != "channel_max" and "delta_sum" in aux:
+        s = aux["delta_sum"] / aux["delta_channels"]
     else:
         delta = aux["delta_f"] + aux["delta_b"]  # (B, E, L)
         s = delta.amax(dim=1) if pool == "channel_max" else delta.mean(dim=1)
@@ -65,10 +64,8 @@ class MTR(TokenReducer):
         if p["distance"] not in ("cosine", "l1", "l2"):
             raise ValueError(f"mtr: distance must be 'cosine', 'l1' or 'l2', got {p['distance']!r}")
         self.weighted = bool(p["weighted"])
-        # With the channel mean, the CPU mixer's channel sums suffice (the two (B, E, L) Δ are not written);
-        # other mixer paths give every key and delta_importance falls back to Δ itself.
-        self.aux_keys = (None if p["pool"] == "channel_max"
-                         else frozenset({"delta_channel_sum", "delta_channels"}))
+        # With the channel mean, the mixer's channel sums of Δ suffice (the two (B, E, L) Δ are not written).
+        self.aux_keys = None if p["pool"] == "channel_max" else frozenset({"delta_sum"})
 
     def score(self, state) -> torch.Tensor:
         return delta_importance(state.aux, self.params["pool"])
