@@ -22,8 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # first: it sets GOMP_SPINCOUNT before torch loads libgomp (see vimtr/__init__.py)
-import torch
+from vimtr.cli import tune_cpu_threads
+
+tune_cpu_threads()  # GOMP_SPINCOUNT as the CLI sets it, before torch loads libgomp
+
+import torch  # noqa: E402
+
+import vimtr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import exp_rate, machine, mm_rate, timeit, write
@@ -35,8 +40,8 @@ class ScanCounter:
     """Wraps the fast scan to count calls, exps (B·E·L·N) and the wall time spent inside it."""
 
     def __init__(self):
-        from vimtr.ops import scan_cpu
-        self.mod, self.orig = scan_cpu, scan_cpu.selective_scan_cpu
+        from vimtr.ops.cpu import scan
+        self.mod, self.orig = scan, scan.selective_scan_cpu
         self.calls = self.exps = 0
         self.seconds = 0.0
 
@@ -48,19 +53,11 @@ class ScanCounter:
             self.calls += 1
             self.exps += u.shape[0] * u.shape[1] * u.shape[2] * A.shape[1]
             return out
-        self.mod.selective_scan_cpu = counted  # the dispatch imports it from the module at each call
-        self._reset_mixer_cache()  # the mixer's CPU path caches its kernels: make it look them up again
+        self.mod.selective_scan_cpu = counted  # the CPU mixer looks it up in its module at each call
         return self
 
     def __exit__(self, *exc):
         self.mod.selective_scan_cpu = self.orig
-        self._reset_mixer_cache()
-
-    @staticmethod
-    def _reset_mixer_cache():
-        from vimtr.models import layers
-        if hasattr(layers, "_CPU_KERNELS"):
-            layers._CPU_KERNELS = None
 
 
 def count_model(model, img):

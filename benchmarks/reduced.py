@@ -24,8 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # first: it sets GOMP_SPINCOUNT before torch loads libgomp (see vimtr/__init__.py)
-import torch
+from vimtr.cli import tune_cpu_threads
+
+tune_cpu_threads()  # GOMP_SPINCOUNT as the CLI sets it, before torch loads libgomp
+
+import torch  # noqa: E402
+
+import vimtr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import _proc_stat_busy, machine, write  # noqa: E402
@@ -45,7 +50,7 @@ class ReducerTimer:
         self.seconds += time.perf_counter() - t0
         return out
 
-    def __getattr__(self, name):  # wants_aux, finish, applied, ... go to the reducer
+    def __getattr__(self, name):  # finish, applied, ... go to the reducer
         return getattr(self.reducer, name)
 
 

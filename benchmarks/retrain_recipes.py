@@ -24,8 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # first: it sets GOMP_SPINCOUNT before torch loads libgomp
-import torch
+from vimtr.cli import tune_cpu_threads
+
+tune_cpu_threads()  # GOMP_SPINCOUNT as the CLI sets it, before torch loads libgomp
+
+import torch  # noqa: E402
+
+import vimtr  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

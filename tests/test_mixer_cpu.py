@@ -11,6 +11,8 @@ from vimtr.ops import causal_conv1d_ref, scan_backend, selective_scan_ref
 from vimtr.ops import causal_conv1d_bidir_ref
 from vimtr.ops.cpu import causal_conv1d_bidir_cpu, gated_sum_cpu, scan_delta_cpu, selective_scan_cpu
 
+from conftest import scan_inputs
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -199,16 +201,9 @@ def test_conv_bidir_kernel_backward_gives_the_reference_gradients():
 
 
 # ------------------------------------------------------------------- scan: out=, accumulate=, delta_out=
-def _scan_inputs(seed=0, b=2, e=6, l=15, n=16):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)
-    return dict(u=r(e, b, l).transpose(0, 1), delta=r(e, b, l).transpose(0, 1) * 0.5, A=-torch.exp(r(e, n) * 0.5),
-                B=r(b, n, l), C=r(b, n, l), D=r(e), z=r(e, b, l).transpose(0, 1), delta_bias=r(e) * 0.5 - 1)
-
-
 @pytest.mark.parametrize("n", [16, 3])
 def test_scan_out_accumulate_and_delta_out(n):
-    x, x2 = _scan_inputs(1, n=n), _scan_inputs(2, n=n)
+    x, x2 = scan_inputs(2, 6, 15, n, seed=1, layout="channel_major"), scan_inputs(2, 6, 15, n, seed=2, layout="channel_major")
     flipped = {k: (v.flip(-1) if k in ("u", "delta", "z", "B", "C") else v) for k, v in x2.items()}
     y_f = selective_scan_ref(**x, delta_softplus=True)
     y_b = selective_scan_ref(**flipped, delta_softplus=True).flip(-1)
@@ -234,7 +229,7 @@ def test_scan_out_accumulate_and_delta_out(n):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("gate_layout", ["channel_major", "contiguous", "channel_last"])
 def test_scan_out_gate_is_gated_sum_bit_for_bit(n, reverse, gate_layout):
-    x = _scan_inputs(7, n=n)
+    x = scan_inputs(2, 6, 15, n, seed=7, layout="channel_major")
     x.pop("z")
     g = torch.randn(6, 2, 15).transpose(0, 1)
     g = {"channel_major": g, "contiguous": g.contiguous(),
@@ -268,7 +263,7 @@ def test_gated_sum_gradients_and_bad_input():
 
 
 def test_scan_extensions_reject_bad_use():
-    x = _scan_inputs(3)
+    x = scan_inputs(2, 6, 15, 16, seed=3, layout="channel_major")
     with pytest.raises(ValueError, match="accumulate=True needs out="):
         selective_scan_cpu(**x, accumulate=True)
     with pytest.raises(ValueError, match="shape"):
@@ -291,7 +286,7 @@ def test_scan_extensions_reject_bad_use():
 
 
 def test_scan_extensions_on_empty_shapes():
-    x = _scan_inputs(4, n=16)
+    x = scan_inputs(2, 6, 15, 16, seed=4, layout="channel_major")
     x["A"], x["B"], x["C"] = x["A"][:, :0], x["B"][:, :0], x["C"][:, :0]
     out = torch.ones(2, 6, 15)
     d = torch.empty(2, 6, 15)
@@ -306,7 +301,7 @@ def test_scan_extensions_on_empty_shapes():
 
 
 def test_delta_sum_out_is_the_same_for_any_thread_count():
-    x = _scan_inputs(5, b=3, e=50, l=40)  # 50 channels: groups of 16 that do not divide the rows evenly
+    x = scan_inputs(3, 50, 40, 16, seed=5, layout="channel_major")  # 50 channels: groups of 16 that do not divide the rows evenly
     sums = []
     for threads in (1, 2, 3):
         old = torch.get_num_threads()

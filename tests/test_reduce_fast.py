@@ -208,3 +208,32 @@ def test_a_pending_merge_reports_the_reduced_length_and_materialises():
     assert lazy.length == eager.length == 6 and lazy.hidden is h
     lazy.materialise()
     assert lazy.pending is None and torch.equal(lazy.hidden, eager.hidden) and torch.equal(lazy.residual, eager.residual)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_reducer_asks_the_next_mixer_for_what_it_reads(backend, one_thread):
+    """MTR asks (TokenState.requests) for Δ's channel sums only, R-MeeTo (Δ metric) for everything; the
+    mixer before each reduction step exposes exactly that, on every backend, and no other mixer anything."""
+    import vimtr
+    from vimtr.ops import scan_backend
+    torch.manual_seed(0)
+    model = vimtr.create_model("vim_tiny", depth=4, img_size=32, patch_size=8, embed_dim=32).eval()
+    seen = []
+    for method, params in (("mtr", {"r": 3}), ("rmeeto", {"r": 3, "metric": "delta"})):
+        vimtr.reduce(model, method, interval=2, **params)
+        reducer = model.reducer
+
+        def spy(i, state, reducer=reducer):
+            if state.aux:
+                seen.append((method, i, frozenset(state.aux)))
+            state = reducer(i, state)
+            return state
+
+        spy.finish = reducer.finish
+        model.reducer = spy
+        with torch.no_grad(), scan_backend(backend):
+            model(torch.randn(2, 3, 32, 32))
+        vimtr.restore(model)
+    assert seen == [("mtr", 2, frozenset({"delta_sum", "delta_channels"})),
+                    ("rmeeto", 2, frozenset({"delta_f", "delta_b", "B_f", "B_b", "C_f", "C_b", "delta_sum",
+                                             "delta_channels"}))]

@@ -23,6 +23,7 @@ def test_bundled_model_accuracy_on_the_test_split():
     assert (vimtr.models.checkpoint.assets_dir() / "vim_digits.safetensors").stat().st_size <= 5 * 2 ** 20
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_well_formed_results(tmp_path):
     main(["demo", "--quick", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
@@ -56,6 +57,7 @@ def test_bench_json(tmp_path):
     assert rows[0]["speedup"] == 1.0 and rows[2]["flops_ratio"] > 1.0
 
 
+@pytest.mark.slow
 def test_sweep_outputs(tmp_path):
     main(["sweep", "--model", "vim_digits", "--data", "digits", "--method", "mtr", "random",
           "--levels", "0.2", "0.4", "--out", str(tmp_path)])
@@ -73,6 +75,7 @@ def test_sweep_outputs(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_sweep_in_two_processes_measures_what_one_process_does():
     """The points shared out among one-thread processes: the same rows, in order, with the same accuracies
     and FLOPs as one thread computes them alone (only the im/s are each process's own)."""
@@ -108,6 +111,7 @@ def test_visualize_and_info(tmp_path, capsys):
     assert "parameters" in text and "tokens per block" in text
 
 
+@pytest.mark.slow
 def test_warmup_reaches_the_inference_and_training_kernels():
     """`vimtr warmup` (make install runs it) must call every kernel the demo uses, the backward ones too:
     a fresh process, so that nothing earlier in this test session has called them already."""

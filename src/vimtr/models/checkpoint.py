@@ -516,7 +516,6 @@ def _resample_pos_embed(sd: dict, model: nn.Module, notices: _Notices) -> dict:
     cls_row = pos[:, old_i:old_i + 1]
     rows = torch.cat((pos[:, :old_i], pos[:, old_i + 1:]), dim=1)
     from timm.layers import resample_abs_pos_embed  # here: timm (and torchvision) take ~2 s to import
-
     # antialias=False: the official fine-tune code (Vim main.py, VideoMamba) calls F.interpolate(bicubic) plainly.
     rows = resample_abs_pos_embed(rows, new_size=new_grid, old_size=[old_grid, old_grid], num_prefix_tokens=0,
                                   interpolation="bicubic", antialias=False)

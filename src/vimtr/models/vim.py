@@ -15,9 +15,17 @@ from vimtr.models.layers import Block, DropPath, PatchEmbed, RMSNorm
 from vimtr.models.token_state import TokenState
 
 
-def trunc_normal_(tensor: torch.Tensor, std: float = 1.0) -> torch.Tensor:
-    """timm's ``trunc_normal_(tensor, std=std)``: normal(0, std²) cut at ±2 (absolute), torch's sampler."""
-    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0, b=2.0)
+def trunc_normal_(tensor: torch.Tensor, std: float = 1.0, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+    """Normal(0, std²) truncated to [a, b] (absolute bounds), by the inverse-CDF method timm's
+    ``trunc_normal_`` uses: the same values as timm for the same random state (torch's own sampler draws
+    differently), so a seeded ``create_model`` initialises exactly as the official code."""
+    def cdf(x):
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    with torch.no_grad():
+        tensor.uniform_(2 * cdf(a / std) - 1, 2 * cdf(b / std) - 1)
+        tensor.erfinv_().mul_(std * math.sqrt(2.0)).add_(0.0)
+        return tensor.clamp_(min=a, max=b)
 
 
 def lecun_normal_(tensor: torch.Tensor) -> torch.Tensor:
@@ -25,7 +33,7 @@ def lecun_normal_(tensor: torch.Tensor) -> torch.Tensor:
     (0.8796 is the standard deviation of that truncated normal)."""
     fan_in = tensor[0].numel()  # input channels × kernel size, of an (out, in, *kernel) weight
     with torch.no_grad():
-        nn.init.trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0)
+        trunc_normal_(tensor)
         return tensor.mul_(math.sqrt(1.0 / fan_in) / 0.87962566103423978).add_(0.0)
 
 
