@@ -65,7 +65,7 @@ def timeit(fn, reps: int, warmup: int = 1, max_seconds: float | None = None) -> 
             break
     end, elapsed = _proc_stat_busy(), time.perf_counter() - t_start
     rec = {"reps": len(walls), "wall_min_s": min(walls), "wall_median_s": statistics.median(walls),
-               "cpu_median_s": statistics.median(cpus)}
+           "cpu_min_s": min(cpus), "cpu_median_s": statistics.median(cpus)}
     if start and end:
         others = ((end[0] - start[0]) - (end[1] - start[1])) / os.sysconf("SC_CLK_TCK")
         rec["other_processes_cores"] = round(others / elapsed, 2)
