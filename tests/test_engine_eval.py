@@ -2,74 +2,27 @@
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import TensorDataset
 
 import vimtr
-from vimtr.engine import checkpoints, evaluate as ev
+from vimtr.engine import evaluate as ev
 from vimtr.engine.common import parse_param, parse_value
 from vimtr.errors import UsageError
 
-TINY = dict(depth=2, embed_dim=32, img_size=32, patch_size=8, num_classes=4)
+from conftest import run_group, save_ckpt, tiny_model, write_folder
 
-
-def tiny_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    return vimtr.create_model("vim_tiny", **{**TINY, **kw})
-
-
-def write_folder(root, per_class, classes=4, seed=0, size=32):
-    """ImageFolder of PNGs: class c has a bright quadrant c (learnable), on noise."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        d = root / f"n{c:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            a = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
-            r, q = divmod(c % 4, 2)
-            h = size // 2
-            a[r * h:(r + 1) * h, q * h:(q + 1) * h] += 150
-            Image.fromarray(a).save(d / f"{i}.png")
-    return root
-
-
-def save_ckpt(model, path):
-    checkpoints.save({"vimtr": checkpoints.vimtr_record(model), "model": checkpoints.state_dict(model)}, path)
-    return path
-
-
-def run_group(cmd, env, timeout):
-    """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s:\n{out[-3000:]}") from None
-    return proc.returncode, out
+# One thread: the machine is shared, and oversubscribed threads make tiny models slow.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(argv):
     parser = argparse.ArgumentParser(prog="vimtr")
     ev.add_cli(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["eval", *argv])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; oversubscribed threads make tiny models slow
-    yield
-    torch.set_num_threads(old)
 
 
 def test_parse_values():
@@ -128,6 +81,7 @@ def test_eval_cli_reduced_checkpoint_json(tmp_path, capsys):
     assert not [p for p in out.parent.iterdir() if p.name != "eval.json"]  # no temp files left
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_exactly(tmp_path):
     """22 images + one corrupt file, 23 items: uneven shards (12 and 11 items), and 2 gloo processes under
     torchrun give the single-process totals."""

@@ -399,7 +399,7 @@ def test_mtr_bad_ablation_values(params, match):
 
 def test_mtr_cls_score_reads_no_aux_and_b_c_read_only_their_keys():
     model = tiny()
-    for score, keys in (("cls", False), ("B", {"B_f", "B_b"}), ("C", {"C_f", "C_b"})):
+    for score, keys in (("cls", set()), ("B", {"B_f", "B_b"}), ("C", {"C_f", "C_b"})):
         reduce(model, "mtr", r=2, interval=1, score=score)
-        wanted = model.reducer.wants_aux(1)
-        assert (wanted is False) if keys is False else set(wanted) == keys, (score, wanted)
+        wanted = model.reducer.requests(1)
+        assert set(wanted) == keys, (score, wanted)

@@ -23,6 +23,7 @@ def test_bundled_model_accuracy_on_the_test_split():
     assert (vimtr.models.checkpoint.assets_dir() / "vim_digits.safetensors").stat().st_size <= 5 * 2 ** 20
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_well_formed_results(tmp_path):
     main(["demo", "--quick", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
@@ -68,6 +69,7 @@ def test_bench_json(tmp_path):
     assert rows[2]["flops_ratio"] > 1.0
 
 
+@pytest.mark.slow
 def test_sweep_outputs(tmp_path):
     main(["sweep", "--model", "vim_digits", "--data", "digits", "--method", "mtr", "random",
           "--levels", "0.2", "0.4", "--out", str(tmp_path)])
@@ -109,6 +111,7 @@ def test_random_row_is_the_mean_over_seeds_with_their_spread():
     assert max(accs) > min(accs)  # the seeds differ: the spread is not trivially zero
 
 
+@pytest.mark.slow
 def test_sweep_in_two_processes_measures_what_one_process_does():
     """The points shared out among one-thread processes: the same rows, in order, with the same accuracies
     and FLOPs as one thread computes them alone (only the im/s are each process's own)."""
@@ -146,6 +149,7 @@ def test_visualize_and_info(tmp_path, capsys):
     assert "parameters" in text and "tokens per block" in text
 
 
+@pytest.mark.slow
 def test_warmup_reaches_the_inference_and_training_kernels():
     """`vimtr warmup` (make install runs it) must call every kernel the demo uses, the backward ones too:
     a fresh process, so that nothing earlier in this test session has called them already."""
@@ -153,9 +157,9 @@ def test_warmup_reaches_the_inference_and_training_kernels():
     import sys
 
     code = ("import json; from vimtr.cli import main; main(['warmup']); "
-            "from vimtr.ops import conv_cpu, norm_cpu, scan_cpu; "
-            "ks = dict(scan=scan_cpu._forward_n16, scan_backward=scan_cpu._backward_n16, conv=conv_cpu._conv_bidir, "
-            "conv_backward=conv_cpu._conv_bidir_backward, merge_norm=norm_cpu._merge_add_rmsnorm); "
+            "from vimtr.ops.cpu import conv, norm, scan_backward, scan_forward; "
+            "ks = dict(scan=scan_forward.forward_kernel(16), scan_backward=scan_backward.backward_kernel(16), "
+            "conv=conv._conv_bidir, conv_backward=conv._conv_bidir_backward, merge_norm=norm._mapped_add_rmsnorm); "
             "print(json.dumps({k: len(v.signatures) for k, v in ks.items()}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

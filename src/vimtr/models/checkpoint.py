@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
 
 from vimtr.models.registry import canonical_name, create_model, list_models, model_config
 from vimtr.models.videomamba import VideoMamba
@@ -516,6 +515,7 @@ def _resample_pos_embed(sd: dict, model: nn.Module, notices: _Notices) -> dict:
     old_i, new_i = (old_m // 2, new_m // 2) if middle else (0, 0)
     cls_row = pos[:, old_i:old_i + 1]
     rows = torch.cat((pos[:, :old_i], pos[:, old_i + 1:]), dim=1)
+    from timm.layers import resample_abs_pos_embed  # here: timm (and torchvision) take ~2 s to import
     # antialias=False: the official fine-tune code (Vim main.py, VideoMamba) calls F.interpolate(bicubic) plainly.
     rows = resample_abs_pos_embed(rows, new_size=new_grid, old_size=[old_grid, old_grid], num_prefix_tokens=0,
                                   interpolation="bicubic", antialias=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from vimtr.models.token_state import TokenState
+from vimtr.models.token_state import AUX_KEYS, TokenState
 from vimtr.reduction.merge import Plan, apply_to_state
 
 COMMON_PARAMS = ("r", "interval", "odd", "flops_reduction", "trace_source")
@@ -116,11 +116,12 @@ class TokenReducer:
     # ------------------------------------------------------------------ the hook
     aux_keys: frozenset | None = None  # the aux keys the plan reads, if not all (the mixer may skip others)
 
-    def wants_aux(self, block: int):
-        """Falsy, or truthy: True, or ``aux_keys`` when the method names the keys it reads."""
+    def requests(self, block: int) -> frozenset:
+        """What block ``block``'s mixer should expose in ``aux`` (names from
+        :data:`vimtr.models.token_state.AUX_KEYS`): what the next reduction step's plan reads, if there is one."""
         if self.needs_aux and block + 1 < self.depth and self.applied[block + 1] > 0:
-            return self.aux_keys or True
-        return False
+            return self.aux_keys or AUX_KEYS
+        return frozenset()
 
     def __call__(self, block: int, state: TokenState) -> TokenState:
         state.materialise()  # plans read hidden: a merge still pending (no block ran since) goes in first
@@ -135,6 +136,7 @@ class TokenReducer:
             state = apply_to_state(state, self.plan(block, state, r), weighted=self.weighted)
         self._tokens.append(state.length)
         self._cls.append(state.cls_index)
+        state.requests = self.requests(block)
         return state
 
     def _initial_source(self, state: TokenState) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from vimtr.models.token_state import TokenState
+from vimtr.ops import RowMap
 
 
 @dataclass
@@ -151,36 +152,22 @@ def _apply(x: torch.Tensor, fp: _FlatPlan, weight, normalise: bool) -> torch.Ten
     return out.index_add_(0, fp.dst, diff).view(B, T, C)
 
 
-class PendingMerge:
-    """A reduction step's map for hidden and residual, left for the next block to apply.
-
-    The block's first op is ``residual + hidden`` then RMSNorm; the merge is linear and maps both streams
-    alike (same rows, same weights), so merging the sum equals summing the merges, up to float rounding.
-    The CPU add + RMSNorm kernel (:func:`vimtr.ops.norm_cpu.add_rmsnorm_cpu`) gathers and merges the rows
-    as it reads them: the streams are read once and only the reduced rows written, instead of a gather
-    pass over each stream and then the add. Any other path calls :meth:`apply` first (the eager ops)."""
-
-    def __init__(self, fp: "_FlatPlan", weight: torch.Tensor | None):
-        self.fp, self.weight = fp, weight
-        self.length = fp.T
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return _apply(x, self.fp, self.weight, True)
-
-    def rows(self, like: torch.Tensor):
-        """(keep (B·T,), src (B·r,), dst (B·r,), factor (B·r,)) as flattened rows, for a kernel; src/dst
-        and factor are None without merges. ``dst`` rows are output rows, in ``index_add_``'s order."""
-        fp = self.fp
-        if not fp.merges:
-            return fp.keep, None, None, None
-        return fp.keep, fp.src, fp.dst, fp.factor(self.weight, like).reshape(-1)
+def row_map(fp: "_FlatPlan", weight: torch.Tensor | None, like: torch.Tensor) -> RowMap:
+    """The step's map for hidden and residual as a :class:`vimtr.ops.RowMap`, for the next block to apply
+    inside its add + RMSNorm (see :func:`apply_to_state`): the same rows and weights as :func:`_apply`.
+    ``like``: the stream whose dtype the merge factors are computed in (the fp32 residual)."""
+    if not fp.merges:
+        return RowMap(keep=fp.keep, batch=fp.B)
+    return RowMap(keep=fp.keep, src=fp.src, dst=fp.dst, factor=fp.factor(weight, like).reshape(-1), batch=fp.B)
 
 
 def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> TokenState:
     """Reduce every stream of ``state`` with the same plan (hidden and residual: weighted means).
 
     With ``state.fuse_merge`` and one plan for both streams, hidden and residual are left as they are and
-    the merge goes into ``pending`` for the next block (:class:`PendingMerge`)."""
+    the map goes into ``pending`` for the next block (a :class:`vimtr.ops.RowMap`): its add + RMSNorm is
+    linear in both streams, so mapping their sum equals summing the maps (up to float rounding), and the
+    CPU kernel gathers and averages the rows as it reads them instead of a pass over each stream."""
     state.materialise()
     ci = state.cls_index
     weight = plan.weight if plan.weight is not None else (state.sizes if weighted else None)
@@ -193,7 +180,7 @@ def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> Toke
         fp._factors[(id(weight), weight.dtype)] = _rows(weight.reshape(-1, 1), fp.src) / _rows(sizes.reshape(-1, 1), fp.dst)
     pending = None
     if state.fuse_merge and state.residual is not None and plan.residual is None:
-        hidden, residual, pending = state.hidden, state.residual, PendingMerge(fp, weight)
+        hidden, residual, pending = state.hidden, state.residual, row_map(fp, weight, state.residual)
     else:
         hidden = _apply(state.hidden, fp, weight, True)
         if state.residual is None:

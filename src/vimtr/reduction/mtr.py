@@ -49,11 +49,10 @@ def delta_importance(aux: dict, pool: str = "none") -> torch.Tensor:
     """MTR's importance per token (B, L) from a mixer's aux: Δ summed over the two scans (the backward
     one already in token order), then averaged over channels (or max / max-pooled, see ``pool``).
 
-    The CPU mixer path hands over ``delta_channel_sum``, that channel sum computed inside the scan
-    kernels (no (B, E, L) add and mean here: they were a third of MTR's reduction step); the other
-    paths only Δ itself."""
-    if pool != "channel_max" and "delta_channel_sum" in aux:
-        s = aux["delta_channel_sum"] / aux["delta_channels"]
+    With the channel mean, the mixer's ``delta_sum`` (that channel sum, added up by the scans themselves)
+    suffices: no (B, E, L) add and mean here (they were a third of MTR's reduction step)."""
+    if pool != "channel_max" and "delta_sum" in aux:
+        s = aux["delta_sum"] / aux["delta_channels"]
     else:
         delta = aux["delta_f"] + aux["delta_b"]  # (B, E, L)
         s = delta.amax(dim=1) if pool == "channel_max" else delta.mean(dim=1)
@@ -112,11 +111,9 @@ class MTR(TokenReducer):
                              f"{p['order']!r}")
         self.weighted = bool(p["weighted"])
         self.needs_aux = score != "cls"
-        # With the channel mean, the CPU mixer's channel sums suffice (the two (B, E, L) Δ are not written);
-        # other mixer paths give every key and delta_importance falls back to Δ itself.
+        # With the channel mean, the mixer's channel sums of Δ suffice (the two (B, E, L) Δ are not written).
         if score == "delta":
-            self.aux_keys = (None if p["pool"] == "channel_max"
-                             else frozenset({"delta_channel_sum", "delta_channels"}))
+            self.aux_keys = None if p["pool"] == "channel_max" else frozenset({"delta_sum"})
         elif score in ("B", "C"):
             self.aux_keys = frozenset({f"{score}_f", f"{score}_b"})
         else:

@@ -22,12 +22,11 @@ class _ImportanceProbe:
     def __init__(self, block: int, pool: str = "none"):
         self.block, self.pool, self.score = block, pool, None
 
-    def wants_aux(self, i: int) -> bool:
-        return i == self.block
-
     def __call__(self, i: int, state: TokenState) -> TokenState:
         if i == self.block + 1:
             self.score = delta_importance(state.aux, self.pool)
+        if i == self.block:  # what delta_importance reads, from this block's mixer
+            state.requests = frozenset({"delta_sum", "delta_f", "delta_b"})
         return state
 
 
