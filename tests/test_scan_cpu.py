@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("numba")
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
