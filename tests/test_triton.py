@@ -106,16 +106,20 @@ def run_both(inputs, softplus=True, reverse=False, grad=False, seed=1):
 
 
 # ------------------------------------------------------------------------------------------ forward
-@pytest.mark.parametrize("dstate,length,reverse,config", [
-    (16, 37, False, None),            # Vim's dstate, odd length over two chunks
-    (16, 37, True, (4, 8, 1)),        # reversed; 5 chunks of 8, two channel blocks
-    (6, 32, False, (4, 16, 1)),       # dstate not a power of two; length a multiple of the chunk
-    (6, 1, True, None),               # one token
+# Both forward kernels ("seq": one position per step, the compiled default; "chunked": associative scans
+# over chunks). "seq" costs ~20 ms per position in the interpreter, so it takes the cheaper cases.
+@pytest.mark.parametrize("fwd_kernel,dstate,length,reverse,config", [
+    ("chunked", 16, 37, False, None),           # Vim's dstate, odd length over two chunks
+    ("chunked", 16, 37, True, (4, 8, 1)),       # reversed; 5 chunks of 8, three channel blocks
+    ("chunked", 6, 32, False, (4, 16, 1)),      # dstate not a power of two; length a multiple of the chunk
+    ("chunked", 6, 1, True, None),              # one token
+    ("seq", 16, 37, True, (8, 8, 1)),           # two channel blocks, the last one partial
+    ("seq", 6, 20, False, None),
 ])
-def test_forward_matches_reference(dstate, length, reverse, config):
+def test_forward_matches_reference(fwd_kernel, dstate, length, reverse, config):
     _, kernel_config = _triton()
     inputs = make_inputs(dim=11, dstate=dstate, length=length)  # 11 channels: the last block is partial
-    with kernel_config(fwd=config, bwd=config):
+    with kernel_config(fwd=config, bwd=config, fwd_kernel=fwd_kernel):
         res = run_both(inputs, reverse=reverse)
     assert res["out"][0].dtype == torch.float32 and res["last"][0].shape == (2, 11, dstate)
     assert_rel(*res["out"], 1e-5, "out")
@@ -132,19 +136,20 @@ def test_forward_without_optional_inputs():
     assert_rel(*res["last"], 1e-5, "last_state")
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_delta_sum_out_adds_the_channel_sum_in_token_order(reverse):
+@pytest.mark.parametrize("fwd_kernel,reverse", [("chunked", False), ("chunked", True), ("seq", True)])
+def test_delta_sum_out_adds_the_channel_sum_in_token_order(fwd_kernel, reverse):
     scan, kernel_config = _triton()
     u, delta, A, B, C, D, z, bias = make_inputs(dim=11, length=29)
     start = torch.randn(2, 29)
     acc = start.clone()
-    with kernel_config(fwd=(4, 8, 1)):  # three channel blocks, each adding its part
+    with kernel_config(fwd=(4, 8, 1) if fwd_kernel == "chunked" else (8, 8, 1), fwd_kernel=fwd_kernel):
+        # several channel blocks, each adding its part
         out = scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, reverse=reverse, delta_sum_out=acc)
+        acc2, given = torch.zeros(2, 29), F.softplus(delta)
+        scan(u, given, A, B, C, delta_sum_out=acc2)  # no bias, no softplus: Δ as given
     expected = start + F.softplus(delta + bias[:, None]).sum(1)
     assert_rel(acc, expected, 1e-5, "delta_sum_out")
     assert_rel(out, reference(u, delta, A, B, C, D, z, bias, reverse=reverse)[0], 1e-5, "out")
-    acc2, given = torch.zeros(2, 29), F.softplus(delta)
-    scan(u, given, A, B, C, delta_sum_out=acc2)  # no bias, no softplus: Δ as given
     assert_rel(acc2, given.sum(1), 1e-5, "delta_sum_out without softplus")
 
 
@@ -159,31 +164,34 @@ def test_softplus_keeps_tiny_timescales_exact():
     assert_rel(acc, F.softplus(raw).sum(1), 1e-6, "delta_sum_out of tiny Δ")
 
 
-def test_reverse_reads_strided_views_in_place():
+@pytest.mark.parametrize("fwd_kernel", ["seq", "chunked"])
+def test_reverse_reads_strided_views_in_place(fwd_kernel):
     """The mixer hands over channel-last views ((B, L, E) storage seen as (B, E, L)) and B, C as views of
     one projection; the kernels take any strides, both directions."""
-    scan, _ = _triton()
+    scan, kernel_config = _triton()
     u, delta, A, B, C, D, z, bias = make_inputs(dim=8, length=19)
     views = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (u, delta, z)]
     bc = torch.cat([B, C], 1).transpose(1, 2).contiguous().transpose(1, 2)  # (B, 2N, L) view of (B, L, 2N)
     Bv, Cv = bc[:, :16], bc[:, 16:]
     assert not views[0].is_contiguous() and not Bv.is_contiguous()
     for reverse in (False, True):
-        out = scan(views[0], views[1], A, Bv, Cv, D, views[2], bias, True, reverse=reverse)
+        with kernel_config(fwd_kernel=fwd_kernel):
+            out = scan(views[0], views[1], A, Bv, Cv, D, views[2], bias, True, reverse=reverse)
         assert_rel(out, reference(u, delta, A, B, C, D, z, bias, reverse=reverse)[0], 1e-5, f"out reverse={reverse}")
 
 
 # ----------------------------------------------------------------------------------------- backward
-@pytest.mark.parametrize("dstate,length,reverse,config", [
-    (16, 37, False, None),
-    (16, 37, True, (4, 8, 1)),
-    (6, 21, True, None),
-    (6, 16, False, (2, 16, 1)),
+@pytest.mark.parametrize("fwd_kernel,dstate,length,reverse,config", [
+    ("chunked", 16, 37, False, None),
+    ("chunked", 16, 37, True, (4, 8, 1)),
+    ("chunked", 6, 16, False, (2, 16, 1)),
+    ("seq", 6, 21, True, None),               # the states the backward starts from, saved by "seq"
+    ("seq", 16, 19, False, (16, 8, 1)),
 ])
-def test_gradients_match_reference(dstate, length, reverse, config):
+def test_gradients_match_reference(fwd_kernel, dstate, length, reverse, config):
     _, kernel_config = _triton()
     inputs = make_inputs(dim=11, dstate=dstate, length=length, seed=dstate + length)
-    with kernel_config(fwd=config, bwd=config):
+    with kernel_config(fwd=config, bwd=config, fwd_kernel=fwd_kernel):
         res = run_both(inputs, reverse=reverse, grad=True)
     assert set(res) == {"out", "last", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}
     for name, (ours, ref) in res.items():
@@ -309,7 +317,7 @@ def test_vectorised_interpreter_scan_is_bit_identical_to_tritons_own():
     scan, kernel_config = _triton()
     inputs = make_inputs(batch=1, dim=3, dstate=4, length=11, seed=5)
     assert tri_interp.ScanOps.generic_scan is _scan_by_steps
-    with kernel_config(fwd=(4, 8, 1)):
+    with kernel_config(fwd=(4, 8, 1), fwd_kernel="chunked"):
         fast = scan(*inputs, delta_softplus=True, reverse=True, return_last_state=True)
         original = tri_interp.ScanOps.__dict__["generic_scan"]
         tri_interp.ScanOps.generic_scan = replaced["generic_scan"]
@@ -318,3 +326,17 @@ def test_vectorised_interpreter_scan_is_bit_identical_to_tritons_own():
         finally:
             tri_interp.ScanOps.generic_scan = original
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs the kernels as Python; this compiles them to sm_90 code with Triton's own
+    compiler and bundled ptxas (no GPU or driver needed), both sides of every constexpr branch, so code
+    that cannot lower to a GPU fails here and not on the first GPU that runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.join(ROOT, "src")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_offline_compile.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and "ptxas" in res.stderr and "No such file" in res.stderr:
+        pytest.skip("this Triton build ships no ptxas")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("compiled ") == 6

@@ -30,12 +30,20 @@ from vimtr.ops.triton.interpreter import interpret_requested, vectorise_scan
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DSTATE = 256
 
-# (BLOCK_E channels per program, CHUNK positions per scan step, num_warps). The compiled defaults keep a
-# (BLOCK_E, N, CHUNK) fp32 tile at 4096 elements in the forward and 2048 in the backward (which holds about
-# twice as many tiles live) at N = 16; benchmarks/gpu.py measures the alternatives on a GPU. The
-# interpreter's cost is per program and per step, so it gets wide blocks.
-_COMPILED = {"fwd": (8, 32, 4), "bwd": (4, 32, 4)}
-_INTERPRETED = {"fwd": (16, 32, 1), "bwd": (16, 32, 1)}
+# Kernel shapes: (BLOCK_E channels per program, CHUNK positions, num_warps), and which forward kernel runs.
+# "seq" steps through the positions one at a time (the reference's arithmetic, a few instructions per state
+# and position, SEQ_UNROLL positions per iteration); "chunked" scans CHUNK positions at once with
+# tl.associative_scan (log-depth: more work per element, more parallelism per program). The backward is
+# always chunked: it needs each chunk's states in reverse order. A forward that saves states for the
+# backward saves them every backward CHUNK positions: (B, E, L/CHUNK, N) fp32, 44 MB per scan at Vim-S
+# batch 128 with CHUNK 32 (2.1 GB over its 48 scans). The compiled defaults are educated guesses until
+# benchmarks/gpu.py has timed the alternatives on a GPU; for sm_90, ptxas -v gives them 128 ("seq"),
+# 128 ("chunked") and 233 (backward) registers a thread and no spills (tests/triton_offline_compile.py).
+# The interpreter's cost is per program and per step, so it gets wide blocks.
+_COMPILED = {"fwd": (32, 32, 4), "bwd": (4, 32, 4), "fwd_kernel": "seq", "chunked_fwd": (4, 32, 4)}
+_INTERPRETED = {"fwd": (16, 32, 1), "bwd": (16, 32, 1), "fwd_kernel": "seq", "chunked_fwd": (16, 32, 1)}
+FWD_KERNELS = ("seq", "chunked")
+SEQ_UNROLL = 4  # positions per loop iteration of the "seq" kernel (a power of two, at most CHUNK)
 _override: dict = {}
 _kernels_module = None
 
@@ -81,14 +89,18 @@ def available(device) -> bool:
 
 
 @contextlib.contextmanager
-def kernel_config(fwd: tuple[int, int, int] | None = None, bwd: tuple[int, int, int] | None = None):
-    """Use other (BLOCK_E, CHUNK, num_warps) for the forward / backward kernel inside the block (tests of
-    several chunkings, the GPU sweep in benchmarks/gpu.py). Each entry must be a power of two."""
+def kernel_config(fwd: tuple[int, int, int] | None = None, bwd: tuple[int, int, int] | None = None,
+                  fwd_kernel: str | None = None):
+    """Inside the block, run the forward / backward kernels with other (BLOCK_E, CHUNK, num_warps), each a
+    power of two, and/or the other forward kernel (``"seq"`` or ``"chunked"``). For tests of several
+    chunkings and for the GPU sweep in benchmarks/gpu.py; not thread-safe (a process-wide setting)."""
     for cfg in (fwd, bwd):
-        if cfg is not None and (len(cfg) != 3 or any(v < 1 or v & (v - 1) for v in cfg)):
+        if cfg is not None and (len(cfg) != 3 or any(int(v) < 1 or int(v) & (int(v) - 1) for v in cfg)):
             raise ValueError(f"kernel_config: (BLOCK_E, CHUNK, num_warps) must be powers of two, got {cfg}")
+    if fwd_kernel is not None and fwd_kernel not in FWD_KERNELS:
+        raise ValueError(f"kernel_config: fwd_kernel must be one of {FWD_KERNELS}, got {fwd_kernel!r}")
     old = dict(_override)
-    _override.update({k: v for k, v in (("fwd", fwd), ("bwd", bwd)) if v is not None})
+    _override.update({k: v for k, v in (("fwd", fwd), ("bwd", bwd), ("fwd_kernel", fwd_kernel)) if v is not None})
     try:
         yield
     finally:
@@ -96,11 +108,21 @@ def kernel_config(fwd: tuple[int, int, int] | None = None, bwd: tuple[int, int, 
         _override.update(old)
 
 
+def _fwd_kernel_name() -> str:
+    return _override.get("fwd_kernel") or (_INTERPRETED if interpreted() else _COMPILED)["fwd_kernel"]
+
+
 def _config(kind: str, dstate: int):
-    block_e, chunk, warps = _override.get(kind) or (_INTERPRETED if interpreted() else _COMPILED)[kind]
-    if kind not in _override:  # keep the tile's size when N is larger than Vim's 16
-        while block_e > 1 and block_e * chunk * _next_pow2(dstate) > (4096 if kind == "fwd" else 2048) * 4:
-            block_e //= 2
+    """(BLOCK_E, CHUNK, num_warps) of the forward kernel in use (``kind="fwd"``) or of the backward."""
+    if kind in _override:
+        return tuple(int(v) for v in _override[kind])
+    defaults = _INTERPRETED if interpreted() else _COMPILED
+    block_e0, chunk0, warps = defaults["chunked_fwd" if kind == "fwd" and _fwd_kernel_name() == "chunked" else kind]
+    block_e, chunk, n = block_e0, chunk0, _next_pow2(dstate)
+    while block_e > 1 and block_e * n > block_e0 * 16:  # N > 16: keep the tile the size it has at N = 16
+        block_e //= 2
+    while chunk > 8 and block_e * n * chunk > block_e0 * 16 * chunk0:
+        chunk //= 2
     return block_e, chunk, warps
 
 
@@ -179,19 +201,21 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, save_states
         chunk = _config("bwd", dstate)[1]
     n_chunks = max(1, -(-length // chunk))
     n_eblk = -(-dim // block_e)
+    kernel = kern.scan_fwd_seq_kernel if _fwd_kernel_name() == "seq" else kern.scan_fwd_kernel
     out = torch.empty((batch, dim, length), dtype=u.dtype, device=u.device)
     last = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
     states = torch.empty((batch, dim, n_chunks, dstate) if save_states else (1,), dtype=torch.float32,
                          device=u.device)
     dsum = torch.empty((batch, n_eblk, length) if want_dsum else (1,), dtype=torch.float32, device=u.device)
     zz = z if z is not None else u
-    kern.scan_fwd_kernel[(batch, n_eblk)](
+    kernel[(batch, n_eblk)](
         u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
         out, last, states, dsum, dim, dstate, length, n_chunks,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(), *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
         REVERSE=bool(reverse), SAVE_STATES=bool(save_states), WANT_DSUM=bool(want_dsum),
-        BLOCK_E=block_e, BLOCK_N=_next_pow2(dstate), CHUNK=chunk, num_warps=warps)
+        BLOCK_E=block_e, BLOCK_N=_next_pow2(dstate), CHUNK=chunk, num_warps=warps,
+        **({"UNROLL": min(SEQ_UNROLL, chunk)} if kernel is kern.scan_fwd_seq_kernel else {}))
     return out, last, (states if save_states else None), (dsum if want_dsum else None), chunk
 
 

@@ -125,6 +125,81 @@ def scan_fwd_kernel(
 
 
 @triton.jit
+def scan_fwd_seq_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+        out_ptr, last_ptr, states_ptr, dsum_ptr,
+        E, N, L, n_chunks,
+        s_ub, s_ue, s_ul, s_db, s_de, s_dl, s_ae, s_an, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl,
+        s_zb, s_ze, s_zl, s_ob, s_oe, s_ol,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        REVERSE: tl.constexpr, SAVE_STATES: tl.constexpr, WANT_DSUM: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+    """The forward one position at a time: same arguments and results as :func:`scan_fwd_kernel` (CHUNK only
+    spaces the saved states). Each step is h = a·h + b on the (BLOCK_E, N) state, the reference's
+    arithmetic exactly; parallelism comes from batch × channels × states alone (1.5M recurrences at Vim-S
+    batch 128), which a GPU can fill without splitting the sequence, and each position costs a few
+    instructions per state instead of a log-depth scan."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_e = tl.program_id(1)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_e = offs_e < E
+    mask_n = offs_n < N
+    mask_en = mask_e[:, None] & mask_n[None, :]
+
+    A = tl.load(A_ptr + offs_e[:, None] * s_ae + offs_n[None, :] * s_an, mask=mask_en, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    st_base = states_ptr + pid_b * E * n_chunks * N + offs_e[:, None] * (n_chunks * N) + offs_n[None, :]
+    ds_base = dsum_ptr + (pid_b * tl.num_programs(1) + pid_e) * L
+    u_base = u_ptr + pid_b * s_ub + offs_e * s_ue
+    d_base = delta_ptr + pid_b * s_db + offs_e * s_de
+    z_base = z_ptr + pid_b * s_zb + offs_e * s_ze
+    o_base = out_ptr + pid_b * s_ob + offs_e * s_oe
+    b_base = B_ptr + pid_b * s_bb + offs_n * s_bn
+    c_base = C_ptr + pid_b * s_cb + offs_n * s_cn
+
+    # UNROLL positions per iteration, unrolled at compile time: their loads and exps do not depend on h,
+    # so the GPU can have them all in flight while the h chain (one FMA per position) runs.
+    for p0 in range(0, L, UNROLL):
+        if SAVE_STATES:  # CHUNK is a multiple of UNROLL: a chunk starts only at an iteration's start
+            if p0 % CHUNK == 0:
+                tl.store(st_base + (p0 // CHUNK) * N, h, mask=mask_en)
+        for j in tl.static_range(UNROLL):
+            p = p0 + j
+            in_seq = p < L
+            if REVERSE:
+                t = L - 1 - p
+            else:
+                t = p
+            m = mask_e & in_seq
+            dt = tl.load(d_base + t * s_dl, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dt = tl.where(m, dt, 0.0)  # past the end: a = 1, b = 0, the state passes unchanged
+            u = tl.load(u_base + t * s_ul, mask=m, other=0.0).to(tl.float32)
+            Bt = tl.load(b_base + t * s_bl, mask=mask_n & in_seq, other=0.0).to(tl.float32)
+            Ct = tl.load(c_base + t * s_cl, mask=mask_n & in_seq, other=0.0).to(tl.float32)
+            if WANT_DSUM:
+                tl.store(ds_base + t, tl.sum(dt, axis=0), mask=in_seq)
+            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            y = tl.sum(h * Ct[None, :], axis=1)
+            if HAS_D:
+                y += Dv * u
+            if HAS_Z:
+                zt = tl.load(z_base + t * s_zl, mask=m, other=0.0).to(tl.float32)
+                y = y * zt * tl.sigmoid(zt)
+            tl.store(o_base + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=m)
+
+    tl.store(last_ptr + pid_b * E * N + offs_e[:, None] * N + offs_n[None, :], h, mask=mask_en)
+
+
+@triton.jit
 def scan_bwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, states_ptr,
         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
