@@ -59,7 +59,8 @@ def assert_rel(ours, ref, tol, what):
 
 
 def make_inputs(batch=2, dim=8, dstate=16, length=37, dtype=torch.float32, seed=0, optional=True):
-    """Inputs in the ranges Vim's mixer produces: Δ before softplus around -8..0 (Δ ≈ 3e-4..0.7) plus a bias, A = -exp(·)."""
+    """Inputs in the ranges Vim's mixer produces: Δ before softplus around -8..0 (Δ ≈ 3e-4..0.7) plus a
+    bias, A = -exp(·)."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, dim, length, generator=g).to(dtype)
     delta = (torch.randn(batch, dim, length, generator=g) * 1.5 - 4.0).to(dtype)
@@ -340,3 +341,49 @@ def test_kernels_compile_for_a_gpu_without_one():
         pytest.skip("this Triton build ships no ptxas")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("compiled ") == 6
+
+
+# ------------------------------------------------------------------------------------ benchmarks/gpu.py
+def _run_gpu_script(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=os.path.join(ROOT, "src"), CUDA_VISIBLE_DEVICES="")  # CPU here, on any machine
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_script_without_cuda_says_so_in_one_line_and_exits_0(tmp_path):
+    res = _run_gpu_script("--out", str(tmp_path / "gpu.json"))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0], res.stdout
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_gpu_script_dry_run_exercises_every_section(tmp_path):
+    """``--dry-run-cpu``: every section of the GPU script runs on CPU in the interpreter (tiny shapes), so
+    its code has run before a GPU is spent on it; its correctness checks must pass there too."""
+    import json
+    out = tmp_path / "gpu.json"
+    res = _run_gpu_script("--dry-run-cpu", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    sections = ("golden", "kernel_check", "sweep", "retrain", "throughput", "profile", "targets")
+    for name in sections:
+        assert name in data and "error" not in data[name], (name, data.get(name))
+    assert data["environment"]["mode"] == "dry-run-cpu" and data["backends"]["triton"] == "usable"
+    assert data["golden"]["cpu"]["p1"]["ok"]
+    check = data["kernel_check"]
+    assert all(check[k]["ok"] for k in ("fp32_forward", "fp32_reverse", "bf16_forward", "bf16_reverse")), check
+    for red in ("none", "rmeeto_r5", "rmeeto_r11", "mtr_30"):  # whole models: Triton scan vs reference loop
+        assert check["models"][red]["rel_err"] < 1e-5 and check["models"][red]["same_tokens"], check["models"]
+    assert check["models"]["mtr_30"]["tokens"][-1] < check["models"]["mtr_30"]["tokens"][0]  # really reduced
+    assert [r["kernel"] for r in data["sweep"]["forward"]] == ["seq", "chunked"] and data["sweep"]["best"]
+    for key in ("triton/none", "triton/rmeeto_r11", "reference/none"):
+        assert data["retrain"][key]["median_s"] > 0, data["retrain"]
+    cells = data["throughput"]["cells"]
+    assert {c["reduction"] for c in cells} == {"none", "rmeeto_r5", "rmeeto_r11", "mtr_30"}
+    assert all(c["triton"]["images_per_s"] > 0 and c["reference"]["images_per_s"] > 0 for c in cells)
+    assert len(data["throughput"]["derived"]) == 4
+    # the model's scans really ran on the Triton kernels, not on a fallback
+    assert any("SelectiveScanTriton" in row["name"] for row in data["profile"]["top"]), data["profile"]["top"]
+    assert "dry run" in data["targets"]["note"]

@@ -41,7 +41,7 @@ MAX_DSTATE = 256
 # 128 ("chunked") and 233 (backward) registers a thread and no spills (tests/triton_offline_compile.py).
 # The interpreter's cost is per program and per step, so it gets wide blocks.
 _COMPILED = {"fwd": (32, 32, 4), "bwd": (4, 32, 4), "fwd_kernel": "seq", "chunked_fwd": (4, 32, 4)}
-_INTERPRETED = {"fwd": (16, 32, 1), "bwd": (16, 32, 1), "fwd_kernel": "seq", "chunked_fwd": (16, 32, 1)}
+_INTERPRETED = {"fwd": (32, 32, 1), "bwd": (32, 32, 1), "fwd_kernel": "seq", "chunked_fwd": (32, 32, 1)}
 FWD_KERNELS = ("seq", "chunked")
 SEQ_UNROLL = 4  # positions per loop iteration of the "seq" kernel (a power of two, at most CHUNK)
 _override: dict = {}
