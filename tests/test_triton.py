@@ -181,6 +181,26 @@ def test_reverse_reads_strided_views_in_place(fwd_kernel):
         assert_rel(out, reference(u, delta, A, B, C, D, z, bias, reverse=reverse)[0], 1e-5, f"out reverse={reverse}")
 
 
+def test_empty_inputs_and_no_grad_save_nothing(monkeypatch):
+    """Nothing to scan (an empty batch or sequence) gives the reference's empty results; under no_grad the
+    forward saves no chunk states even for inputs that require gradients (eval with trainable weights)."""
+    scan, _ = _triton()
+    from vimtr.ops.triton import scan as scan_mod
+    empty = make_inputs(length=0)
+    acc = torch.ones(2, 0)
+    out, last = scan(*empty, delta_softplus=True, return_last_state=True, reverse=True, delta_sum_out=acc)
+    assert out.shape == (2, 8, 0) and torch.equal(last, torch.zeros(2, 8, 16))
+    saved = []
+    original = scan_mod._forward
+    monkeypatch.setattr(scan_mod, "_forward", lambda *a: saved.append(a[10]) or original(*a))
+    inputs = make_inputs(length=5)
+    inputs[0].requires_grad_()
+    with torch.no_grad():
+        scan(*inputs, delta_softplus=True)
+    scan(*inputs, delta_softplus=True)
+    assert saved == [False, True]
+
+
 # ----------------------------------------------------------------------------------------- backward
 @pytest.mark.parametrize("fwd_kernel,dstate,length,reverse,config", [
     ("chunked", 16, 37, False, None),

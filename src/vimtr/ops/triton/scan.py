@@ -258,8 +258,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
     """out, last_state, per-block Δ sums = scan(...); backward in Triton from the saved chunk-start states."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, reverse, want_dsum):
-        save = any(ctx.needs_input_grad[:8])
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, reverse, want_dsum, grad):
+        # grad: decided by the caller (inside forward, grad mode is always off)
+        save = grad and any(ctx.needs_input_grad[:8])
         out, last, states, dsum, chunk = _forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
                                                   save, want_dsum)
         ctx.set_materialize_grads(False)
@@ -278,7 +279,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         grads = _backward(saved, ctx.softplus, ctx.reverse, ctx.chunk, dout, dlast)
         # the same order as forward's inputs: u, delta, A, B, C, D, z, delta_bias
         grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:8]))
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -304,8 +305,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         res = selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                  delta_softplus=delta_softplus, return_last_state=True)
         return res if return_last_state else res[0]
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (u, delta, A, B, C, D, z, delta_bias))
     out, last, dsum = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                                 bool(reverse), delta_sum_out is not None)
+                                                 bool(reverse), delta_sum_out is not None, grad)
     if delta_sum_out is not None:
         with torch.no_grad():
             delta_sum_out += dsum.sum(1)
