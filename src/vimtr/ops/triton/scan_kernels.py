@@ -21,6 +21,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Triton compiles one variant per value class of each int argument (== 1, divisible by 16, other). The
+# sequence length and the batch, channel and state strides change with every reduced length (197, 192,
+# 187, ... tokens), and specialising on them buys nothing here, so they are not specialised: a reduced
+# model compiles no new variants as its sequences shrink. The token strides stay specialised (== 1 marks
+# contiguous rows; E, the channel-last layout, is fixed per model).
+_VARYING = ["L", "n_chunks", "s_ub", "s_ue", "s_db", "s_de", "s_bb", "s_bn", "s_cb", "s_cn", "s_zb", "s_ze"]
+
 
 @triton.jit
 def _affine_combine(a_first, b_first, a_second, b_second):
@@ -56,7 +63,7 @@ def _load_delta(delta_ptr, bias_ptr, row_off, offs_e, mask_e, tok, mask_l, s_de,
     return tl.where(m, d, 0.0), raw
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING + ["s_ob", "s_oe"])
 def scan_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         out_ptr, last_ptr, states_ptr, dsum_ptr,
@@ -124,7 +131,7 @@ def scan_fwd_kernel(
     tl.store(last_ptr + pid_b * E * N + offs_e[:, None] * N + offs_n[None, :], h, mask=mask_en)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING + ["s_ob", "s_oe"])
 def scan_fwd_seq_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         out_ptr, last_ptr, states_ptr, dsum_ptr,
@@ -199,7 +206,7 @@ def scan_fwd_seq_kernel(
     tl.store(last_ptr + pid_b * E * N + offs_e[:, None] * N + offs_n[None, :], h, mask=mask_en)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING + ["s_gb", "s_ge"])
 def scan_bwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, states_ptr,
         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
