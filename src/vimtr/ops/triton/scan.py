@@ -1,7 +1,7 @@
 """The selective scan on Triton kernels: checks, launches, autograd.
 
-:func:`selective_scan_triton` has mamba_ssm's ``selective_scan_fn`` signature and semantics (see
-:mod:`vimtr.ops.selective_scan` for the recurrence) plus two extensions Vim needs:
+:func:`selective_scan_triton` has mamba_ssm's ``selective_scan_fn`` signature and semantics (the recurrence:
+see ``vimtr.ops.selective_scan_ref``) plus two extensions Vim needs:
 
 * ``reverse=True`` scans from the last token to the first: exactly
   ``flip(scan(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z)))`` along L (and its gradients),
