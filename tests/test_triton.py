@@ -312,20 +312,43 @@ def test_delta_sum_out_and_device_checks():
     assert unsupported(*inputs) is None
 
 
-def test_without_the_interpreter_cpu_tensors_are_refused_with_the_fix():
-    """A fresh process without TRITON_INTERPRET: not available on CPU, and the error says what to do."""
-    code = ("import torch; from vimtr.ops.triton import available, selective_scan_triton\n"
+def test_without_the_interpreter_cpu_tensors_are_refused_then_run_once_it_is_set():
+    """A fresh process: without TRITON_INTERPRET the scan is not available on CPU and the error says what
+    to do. Then the variable is set late, after torch, timm and triton were imported (as in any process
+    where timm came first, this test session included): the kernels must still run interpreted, both
+    forward kernels and the backward, and match the reference."""
+    code = ("import os, sys, torch, timm, triton\n"
+            "from vimtr.ops import selective_scan_ref\n"
+            "from vimtr.ops.triton import available, kernel_config, selective_scan_triton\n"
             "from vimtr.errors import UsageError\n"
             "assert not available('cpu')\n"
             "x = torch.zeros(1, 2, 3); A = -torch.ones(2, 4); Bm = torch.zeros(1, 4, 3)\n"
             "try:\n    selective_scan_triton(x, x, A, Bm, Bm)\nexcept UsageError as e:\n    print(e)\n"
-            "import sys; print('triton' in sys.modules and 'vimtr.ops.triton.scan_kernels' in sys.modules)\n")
+            "print('kernels loaded:', 'vimtr.ops.triton.scan_kernels' in sys.modules)\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "a = [torch.randn(2, 5, 11, generator=g), torch.rand(2, 5, 11, generator=g), -torch.rand(5, 4, generator=g),"
+            " torch.randn(2, 4, 11, generator=g), torch.randn(2, 4, 11, generator=g), torch.randn(5, generator=g),"
+            " torch.randn(2, 5, 11, generator=g), torch.rand(5, generator=g)]\n"
+            "ref = selective_scan_ref(*a, True)\n"
+            "for k in ('seq', 'chunked'):\n"
+            "    u = a[0].clone().requires_grad_()\n"
+            "    with kernel_config(fwd_kernel=k):\n"
+            "        out = selective_scan_triton(u, *a[1:], True)\n"
+            "    out.sum().backward()\n"
+            "    u2 = a[0].clone().requires_grad_(); selective_scan_ref(u2, *a[1:], True).sum().backward()\n"
+            "    print(k, float((out - ref).abs().max() / ref.abs().max()),"
+            " float((u.grad - u2.grad).abs().max() / u2.grad.abs().max()))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.join(ROOT, "src")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert "TRITON_INTERPRET=1" in res.stdout and "CPU tensor" in res.stdout
-    assert res.stdout.strip().endswith("False")  # refusing loaded no kernels
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert "TRITON_INTERPRET=1" in lines[0] and "CPU tensor" in lines[0]
+    assert lines[1] == "kernels loaded: False"  # refusing loaded nothing
+    for line, kernel in zip(lines[2:], ("seq", "chunked")):
+        name, out_err, grad_err = line.split()
+        assert name == kernel and float(out_err) < 1e-5 and float(grad_err) < 1e-4, line
 
 
 # ---------------------------------------------------------------------------------- the interpreter

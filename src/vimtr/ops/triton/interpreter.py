@@ -26,6 +26,23 @@ def interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
+def interpretable(fn):
+    """``fn``, a function of ``triton.language`` that kernels call, made callable from interpreted kernels.
+
+    Triton decides interpreted or compiled when a function is decorated. ``triton.language``'s own @jit
+    functions (``tl.sum``, ``tl.zeros``, ``tl.sigmoid``) are decorated when triton is first imported,
+    which torch or timm often do before anyone sets ``TRITON_INTERPRET`` (``import timm`` reaches
+    torch._dynamo, which imports triton): they are then compiled-mode functions that an interpreted kernel
+    cannot call. Kernels call them through this: in a process that interprets, a compiled-mode one is
+    wrapped as the interpreter's own function of the same Python source; otherwise ``fn`` is returned.
+    """
+    if not interpret_requested():
+        return fn
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    return InterpretedFunction(fn.fn) if isinstance(fn, JITFunction) else fn
+
+
 def _scan_by_steps(self, input):
     """``ScanOps.generic_scan`` evaluated one step of the scan axis at a time (see the module docstring)."""
     steps = [np.moveaxis(arg.handle.data, self.axis, 0) for arg in input]

@@ -21,6 +21,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vimtr.ops.triton.interpreter import interpretable
+
+# triton.language's own @jit functions, callable from these kernels also when triton was imported before
+# TRITON_INTERPRET was set (see interpretable); compiled, they are exactly tl.sum, tl.zeros, tl.sigmoid.
+_sum = interpretable(tl.sum)
+_zeros = interpretable(tl.zeros)
+_sigmoid = interpretable(tl.sigmoid)
+
 # Triton compiles one variant per value class of each int argument (== 1, divisible by 16, other). The
 # sequence length and the batch, channel and state strides change with every reduced length (197, 192,
 # 187, ... tokens), and specialising on them buys nothing here, so they are not specialised: a reduced
@@ -85,7 +93,7 @@ def scan_fwd_kernel(
     A = tl.load(A_ptr + offs_e[:, None] * s_ae + offs_n[None, :] * s_an, mask=mask_en, other=0.0).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-    h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    h = _zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     # (B, E, n_chunks, N) contiguous; (B, n_e_blocks, L) contiguous
     st_base = states_ptr + pid_b * E * n_chunks * N + offs_e[:, None] * (n_chunks * N) + offs_n[None, :]
     ds_base = dsum_ptr + (pid_b * tl.num_programs(1) + pid_e) * L
@@ -110,21 +118,21 @@ def scan_fwd_kernel(
         Ct = tl.load(C_ptr + pid_b * s_cb + offs_n[:, None] * s_cn + tok[None, :] * s_cl, mask=mnl,
                      other=0.0).to(tl.float32)
         if WANT_DSUM:
-            tl.store(ds_base + tok, tl.sum(dt, axis=0), mask=mask_l)
+            tl.store(ds_base + tok, _sum(dt, axis=0), mask=mask_l)
 
         a = tl.exp(dt[:, None, :] * A[:, :, None])  # (BLOCK_E, BLOCK_N, CHUNK)
         b = (dt * u)[:, None, :] * Bt[None, :, :]
         a_cum, b_cum = tl.associative_scan((a, b), axis=2, combine_fn=_affine_combine)
         hs = a_cum * h[:, :, None] + b_cum
-        y = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_E, CHUNK)
+        y = _sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_E, CHUNK)
         # the last position of the chunk carries into the next (tail positions are the identity)
-        h = tl.sum(tl.where(offs_c[None, None, :] == CHUNK - 1, hs, 0.0), axis=2)
+        h = _sum(tl.where(offs_c[None, None, :] == CHUNK - 1, hs, 0.0), axis=2)
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:
             zt = tl.load(z_ptr + pid_b * s_zb + offs_e[:, None] * s_ze + tok[None, :] * s_zl, mask=m2,
                          other=0.0).to(tl.float32)
-            y = y * zt * tl.sigmoid(zt)
+            y = y * zt * _sigmoid(zt)
         tl.store(out_ptr + pid_b * s_ob + offs_e[:, None] * s_oe + tok[None, :] * s_ol,
                  y.to(out_ptr.dtype.element_ty), mask=m2)
 
@@ -159,7 +167,7 @@ def scan_fwd_seq_kernel(
         Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-    h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    h = _zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     st_base = states_ptr + pid_b * E * n_chunks * N + offs_e[:, None] * (n_chunks * N) + offs_n[None, :]
     ds_base = dsum_ptr + (pid_b * tl.num_programs(1) + pid_e) * L
     u_base = u_ptr + pid_b * s_ub + offs_e * s_ue
@@ -193,14 +201,14 @@ def scan_fwd_seq_kernel(
             Bt = tl.load(b_base + t * s_bl, mask=mask_n & in_seq, other=0.0).to(tl.float32)
             Ct = tl.load(c_base + t * s_cl, mask=mask_n & in_seq, other=0.0).to(tl.float32)
             if WANT_DSUM:
-                tl.store(ds_base + t, tl.sum(dt, axis=0), mask=in_seq)
+                tl.store(ds_base + t, _sum(dt, axis=0), mask=in_seq)
             h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-            y = tl.sum(h * Ct[None, :], axis=1)
+            y = _sum(h * Ct[None, :], axis=1)
             if HAS_D:
                 y += Dv * u
             if HAS_Z:
                 zt = tl.load(z_base + t * s_zl, mask=m, other=0.0).to(tl.float32)
-                y = y * zt * tl.sigmoid(zt)
+                y = y * zt * _sigmoid(zt)
             tl.store(o_base + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=m)
 
     tl.store(last_ptr + pid_b * E * N + offs_e[:, None] * N + offs_n[None, :], h, mask=mask_en)
@@ -242,10 +250,10 @@ def scan_bwd_kernel(
     if HAS_DLAST:  # the state after the last position is an output too: its gradient enters there
         dh_next = tl.load(dlast_ptr + en_off, mask=mask_en, other=0.0).to(tl.float32)
     else:
-        dh_next = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    dA_acc = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    dD_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-    dbias_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        dh_next = _zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    dA_acc = _zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    dD_acc = _zeros([BLOCK_E], dtype=tl.float32)
+    dbias_acc = _zeros([BLOCK_E], dtype=tl.float32)
     st_base = states_ptr + pid_b * E * n_chunks * N + offs_e[:, None] * (n_chunks * N) + offs_n[None, :]
     part_bc = (pid_b * tl.num_programs(1) + pid_e) * N * L + offs_n[:, None] * L
 
@@ -286,37 +294,37 @@ def scan_bwd_kernel(
         if HAS_Z:
             zt = tl.load(z_ptr + pid_b * s_zb + offs_e[:, None] * s_ze + tok[None, :] * s_zl, mask=m2,
                          other=0.0).to(tl.float32)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            y = _sum(hs * Ct[None, :, :], axis=1)
             if HAS_D:
                 y += Dv[:, None] * u
-            sig = tl.sigmoid(zt)
+            sig = _sigmoid(zt)
             dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
             tl.store(dz_ptr + g_off, dz.to(dz_ptr.dtype.element_ty), mask=m2)
             dy = dy * zt * sig
         if HAS_D:
-            dD_acc += tl.sum(dy * u, axis=1)
+            dD_acc += _sum(dy * u, axis=1)
 
         # adjoint recurrence, from the end of the chunk back to its start
         alpha = tl.exp(dt_next[:, None, :] * A[:, :, None])  # a of the next position (1 past the end)
         c = Ct[None, :, :] * dy[:, None, :]
         p_cum, k_cum = tl.associative_scan((alpha, c), axis=2, combine_fn=_affine_combine, reverse=True)
         dh = k_cum + p_cum * dh_next[:, :, None]
-        dh_next = tl.sum(tl.where(offs_c[None, None, :] == 0, dh, 0.0), axis=2)
+        dh_next = _sum(tl.where(offs_c[None, None, :] == 0, dh, 0.0), axis=2)
 
         ah = hs - b  # a_p·h_{p-1}
-        dA_acc += tl.sum(dh * ah * dt[:, None, :], axis=2)
-        ddt = tl.sum(dh * (Bt[None, :, :] * u[:, None, :] + ah * A[:, :, None]), axis=1)
-        dhB = tl.sum(dh * Bt[None, :, :], axis=1)
+        dA_acc += _sum(dh * ah * dt[:, None, :], axis=2)
+        ddt = _sum(dh * (Bt[None, :, :] * u[:, None, :] + ah * A[:, :, None]), axis=1)
+        dhB = _sum(dh * Bt[None, :, :], axis=1)
         du = dhB * dt
         if HAS_D:
             du += Dv[:, None] * dy
         tl.store(du_ptr + g_off, du.to(du_ptr.dtype.element_ty), mask=m2)
-        tl.store(dB_ptr + part_bc + tok[None, :], tl.sum(dh * dtu[:, None, :], axis=0), mask=mnl)
-        tl.store(dC_ptr + part_bc + tok[None, :], tl.sum(hs * dy[:, None, :], axis=0), mask=mnl)
+        tl.store(dB_ptr + part_bc + tok[None, :], _sum(dh * dtu[:, None, :], axis=0), mask=mnl)
+        tl.store(dC_ptr + part_bc + tok[None, :], _sum(hs * dy[:, None, :], axis=0), mask=mnl)
         if SOFTPLUS:  # d softplus(x)/dx = sigmoid(x), and 1 above mamba's threshold
-            ddt = tl.where(raw > 20.0, ddt, ddt * tl.sigmoid(raw))
+            ddt = tl.where(raw > 20.0, ddt, ddt * _sigmoid(raw))
         ddt = tl.where(m2, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=1)
+        dbias_acc += _sum(ddt, axis=1)
         tl.store(ddelta_ptr + g_off, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
 
     tl.store(dA_ptr + en_off, dA_acc, mask=mask_en)
