@@ -400,3 +400,19 @@ def test_reduced_model_with_frozen_first_blocks_trains_on_the_cpu_path():
     for name, want in grads[0].items():
         torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()),
                                    msg=name)
+
+
+def test_cpu_autocast_takes_the_reference_mixer_and_agrees():
+    """Under CPU autocast (vimtr bench --dtype bf16, eval --amp bf16 on CPU) the mixer's matmuls run in bf16,
+    which the float32 kernels cannot take: the dispatch sends it to the reference path, whose logits then
+    agree with fp32 to bf16's precision."""
+    import vimtr
+    torch.manual_seed(0)
+    model = vimtr.create_model("vim_tiny", depth=2, embed_dim=32, img_size=32, patch_size=8, num_classes=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)

@@ -1,4 +1,6 @@
 """The reference selective scan and the VIMTR_SCAN dispatch."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,7 +129,12 @@ def test_a_triton_module_plugs_into_the_dispatch(monkeypatch):
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   reverse=reverse, delta_sum_out=delta_sum_out)
 
-    monkeypatch.setitem(dispatch._modules, "triton", types.SimpleNamespace(selective_scan_triton=selective_scan_triton))
+    def available(device):  # the contract of vimtr.ops.triton.available
+        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+    fake = types.SimpleNamespace(selective_scan_triton=selective_scan_triton, available=available,
+                                 unsupported=lambda *args: None)
+    monkeypatch.setitem(dispatch._modules, "triton", fake)
     x = _inputs(dtype=torch.float32)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with ops.scan_backend("triton"):

@@ -105,7 +105,27 @@ def _load_mamba_ssm_scan():
 
 
 def _triton_usable(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    """The Triton kernels run on ``device`` here: triton imports, and the tensors are CUDA ones (or CPU ones
+    under ``TRITON_INTERPRET=1``, fixed for the process when the kernels first load)."""
+    return _triton_scan() is not None and _module("triton").available(device)
+
+
+def _mamba_ssm_works(device: torch.device):
+    """mamba_ssm's scan if it imports *and* a tiny call on ``device`` succeeds (once per process): a build
+    whose CUDA extension does not match the driver or GPU imports fine and fails at the first call."""
+    key = ("mamba_ssm_ok", str(device))
+    if key not in _modules:
+        fn, ok = _mamba_ssm_scan(), False
+        if fn is not None:
+            try:
+                x = torch.ones(1, 2, 3, device=device)
+                fn(x, x, -torch.ones(2, 4, device=device), torch.ones(1, 4, 3, device=device),
+                   torch.ones(1, 4, 3, device=device))
+                ok = True
+            except Exception:  # noqa: BLE001 - any failure means: do not pick it automatically
+                ok = False
+        _modules[key] = fn if ok else None
+    return _modules[key]
 
 
 def resolve_scan(device: torch.device):
@@ -129,8 +149,10 @@ def resolve_scan(device: torch.device):
                                "(vimtr.ops.triton with selective_scan_triton could not be imported; it needs the "
                                "triton package); use VIMTR_SCAN=auto")
         if not _triton_usable(device):
-            raise RuntimeError(f"VIMTR_SCAN=triton but the tensors are on {device}; the Triton kernels take CUDA "
-                               "tensors (CPU tensors only under TRITON_INTERPRET=1); use VIMTR_SCAN=auto")
+            raise RuntimeError(f"VIMTR_SCAN=triton but the Triton kernels cannot run on {device} here: they need "
+                               "the triton package (Linux torch wheels ship it) and CUDA tensors (CPU tensors "
+                               "only with TRITON_INTERPRET=1 set before the kernels first load); use "
+                               "VIMTR_SCAN=auto")
         return "triton", fn
     if name == "cpu":
         fn = _cpu_scan()
@@ -143,9 +165,11 @@ def resolve_scan(device: torch.device):
         return "cpu", fn
     # auto
     if device.type == "cuda":
-        for kind, fn in (("cuda", _mamba_ssm_scan()), ("triton", _triton_scan())):
-            if fn is not None:
-                return kind, fn
+        fn = _mamba_ssm_works(device)
+        if fn is not None:
+            return "cuda", fn
+        if _triton_usable(device):
+            return "triton", _triton_scan()
     elif device.type == "cpu":
         fn = _cpu_scan()
         if fn is not None:
@@ -153,20 +177,26 @@ def resolve_scan(device: torch.device):
     return "reference", reference.selective_scan_ref
 
 
-def _implementation(op: str, device: torch.device, cpu_fits: bool):
+def _implementation(op: str, device: torch.device, cpu_fits: bool, triton_fits: bool = True):
     """``op``'s implementation for the backend that serves ``device``; ``cpu_fits``: the inputs are what
-    the CPU kernel computes (else the CPU backend serves them with the reference)."""
+    the CPU kernel computes (else the CPU backend serves them with the reference); ``triton_fits``: likewise
+    for the Triton kernels when ``auto`` chose them (an explicit ``VIMTR_SCAN=triton`` raises instead)."""
     backend, _ = resolve_scan(device)
     fn = None
     if backend == "cpu" and cpu_fits:
         fn = getattr(_module("cpu"), f"{op}_cpu")
-    elif backend == "triton":
+    elif backend == "triton" and (triton_fits or get_scan_backend() == "triton"):
         fn = getattr(_module("triton"), f"{op}_triton", None)
     return fn or getattr(reference, f"{op}_ref")
 
 
 def _float32_cpu(*tensors) -> bool:
-    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+    """Float32 CPU tensors, outside CPU autocast (under it the mixer's matmuls would run in bf16)."""
+    return not torch.is_autocast_enabled("cpu") and all(
+        t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------- the ops
@@ -174,7 +204,12 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                       return_last_state=False, reverse=False, delta_sum_out=None):
     """The selective scan through the chosen backend: mamba_ssm's ``selective_scan_fn`` signature and
     semantics, plus ``reverse`` and ``delta_sum_out`` (see :func:`vimtr.ops.reference.selective_scan_ref`)."""
-    _, fn = resolve_scan(u.device)
+    backend, fn = resolve_scan(u.device)
+    if backend == "triton" and get_scan_backend() == "auto":
+        # auto chose Triton for this device: inputs its kernels do not take (float64, grouped B/C, ...) take
+        # the reference instead of an error; VIMTR_SCAN=triton raises the kernels' own message.
+        if _module("triton").unsupported(u, delta, A, B, C, D, z, delta_bias, delta_sum_out) is not None:
+            fn = reference.selective_scan_ref
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse=reverse,
               delta_sum_out=delta_sum_out)
 
@@ -202,6 +237,7 @@ def bimamba_inner_fn(hidden, in_proj_weight, in_proj_bias, conv_weight, conv_bia
             dt_proj_bias, A, D, conv_b_weight, conv_b_bias, x_proj_b_weight, dt_proj_b_weight, dt_proj_b_bias,
             A_b, D_b)
     fits = _float32_cpu(*args) and hidden.dim() == 3
-    return _implementation("bimamba_inner", hidden.device, fits)(*args, divide_out=divide_out,
+    triton_fits = all(t is None or t.dtype in _TRITON_DTYPES for t in args)
+    return _implementation("bimamba_inner", hidden.device, fits, triton_fits)(*args, divide_out=divide_out,
                                                                  delta_sum_out=delta_sum_out,
                                                                  return_aux=return_aux)

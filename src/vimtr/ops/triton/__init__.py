@@ -12,4 +12,7 @@ from vimtr.ops.triton.scan import (
     unsupported,
 )
 
-__all__ = ["available", "interpreted", "kernel_config", "selective_scan_triton", "unsupported"]
+from vimtr.ops.triton.mixer import bimamba_inner_triton
+
+__all__ = ["available", "bimamba_inner_triton", "interpreted", "kernel_config", "selective_scan_triton",
+           "unsupported"]
