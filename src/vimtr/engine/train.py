@@ -290,7 +290,7 @@ class Trainer:
     def _forward_backward(self, batch, sync: bool) -> float:
         st, s, dev = self.state, self.s, self.dev
         x, y, bad = data.unpack(batch)
-        st["corrupt"] += int(bad)
+        st["corrupt"] += len(bad)
         if x is None:
             raise UsageError(f"a whole batch of {s.batch_size} training images was unreadable (see the warnings); "
                              f"fix the data folder")
