@@ -190,7 +190,7 @@ def test_multi_view_items_are_the_single_views_in_clip_major_order(video_set):
         frames = reader.frames(video.segment_indices(len(reader), 4, k, 3))
         for c, view in enumerate(eval_views(frames, 48, 2)):
             assert torch.equal(x[k * 2 + c], view)
-    assert not torch.equal(x[0], x[2])  # another temporal clip (square frames: the crops coincide)
+    assert not torch.equal(x[0], x[1]) and not torch.equal(x[0], x[2])  # another crop, another clip
 
 
 def test_views_parse():

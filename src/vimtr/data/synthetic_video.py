@@ -56,28 +56,33 @@ def write_video(path, frames: np.ndarray, fps: int = 12, codec: str | None = Non
     return path
 
 
-def moving_digit(digit_image: np.ndarray, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(frames, size, size, 3) uint8: the digit (scaled to size/2) sliding along a random straight path."""
+def moving_digit(digit_image: np.ndarray, frames: int, size: int, rng: np.random.Generator,
+                 width: int | None = None) -> np.ndarray:
+    """(frames, size, width, 3) uint8: the digit (scaled to size/2) sliding along a random straight path."""
+    width = size if width is None else width
     glyph = np.kron(digit_image / 16.0, np.ones((size // 16, size // 16)))  # 8x8 -> size/2
     g = glyph.shape[0]
-    start, end = rng.integers(0, size - g + 1, size=2), rng.integers(0, size - g + 1, size=2)
+    limit = np.array([size - g + 1, width - g + 1])
+    start, end = rng.integers(0, limit), rng.integers(0, limit)
     colour = rng.uniform(0.5, 1.0, size=3)
     background = rng.uniform(0.0, 0.15, size=3)
-    out = np.empty((frames, size, size, 3), dtype=np.uint8)
+    out = np.empty((frames, size, width, 3), dtype=np.uint8)
     for t in range(frames):
         y, x = np.round(start + (end - start) * t / max(frames - 1, 1)).astype(int)
-        canvas = np.tile(background, (size, size, 1))
+        canvas = np.tile(background, (size, width, 1))
         canvas[y:y + g, x:x + g] = np.maximum(canvas[y:y + g, x:x + g], glyph[..., None] * colour)
         out[t] = (canvas * 255).round().astype(np.uint8)
     return out
 
 
 def write_moving_digits(root, classes: int = 3, per_class: int = 2, frames: int = 16, size: int = 64,
-                        suffix: str = ".mp4", seed: int = 0, val_per_class: int | None = None) -> dict:
+                        suffix: str = ".mp4", seed: int = 0, val_per_class: int | None = None,
+                        width: int | None = None) -> dict:
     """Write the set under ``root``; returns ``{"videos", "train", "val", "clips", "classes"}`` (paths, counts).
 
     ``per_class`` clips per digit go to ``train.csv``, ``val_per_class`` (default: the same number) more to
-    ``val.csv``; all live in ``videos/<digit>/``. ``size`` must be a multiple of 16.
+    ``val.csv``; all live in ``videos/<digit>/``. Frames are ``size`` high (a multiple of 16) and ``width``
+    wide (default ``size``; even).
     """
     from sklearn.datasets import load_digits
 
@@ -91,7 +96,7 @@ def write_moving_digits(root, classes: int = 3, per_class: int = 2, frames: int 
     for label in range(classes):
         pool = digits.images[digits.target == label]
         for k in range(per_class + val_per_class):
-            clip = moving_digit(pool[k % len(pool)], frames, size, rng)
+            clip = moving_digit(pool[k % len(pool)], frames, size, rng, width)
             rel = Path("videos") / str(label) / f"clip_{k}{suffix}"
             write_video(root / rel, clip)
             lists["train" if k < per_class else "val"].append(f"{rel.as_posix()},{label}")
