@@ -407,7 +407,8 @@ examples:
   torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint videomamba_s16_k400_f8_res224.pth --method rmeeto \
       --num-prune 88 --data k400/train.csv --val-data k400/val.csv --data-root k400/videos --num-frames 8 \
       --epochs 15 --batch-size 32 --num-sample 2 --accum-steps 2 --lr 4e-5 --min-lr 2e-6 --warmup-epochs 5 \
-      --weight-decay 0.1 --aa rand-m5-n2-mstd0.25-inc1 --no-distill --amp bf16 --output runs/k400_s_r88
+      --weight-decay 0.1 --aa rand-m5-n2-mstd0.25-inc1 --repeated-aug 1 --no-distill --amp bf16 \
+      --output runs/k400_s_r88
       (docs/video.md: the whole recipe and what differs from the official script)
   # the built-in digits set on CPU, a few minutes
   vimtr retrain --model vim_digits --method rmeeto --r 8 --data digits --epochs 3 --batch-size 64 \\
