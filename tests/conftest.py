@@ -130,3 +130,21 @@ def run_group(cmd, env, timeout):
         out, _ = proc.communicate()
         raise AssertionError(f"timed out after {timeout} s:\n{out[-3000:]}") from None
     return proc.returncode, out
+
+
+@pytest.fixture(scope="session")
+def video_set(tmp_path_factory):
+    """A Kinetics-layout folder of real video files, written with PyAV's encoder: 3 classes (moving digits
+    0, 1, 2) × 2 train + 2 val clips of 24 frames at 64×96 (mp4; wide, so spatial crops differ), plus
+    ``broken.mp4`` (random bytes) listed in ``val_broken.csv``. Returns write_moving_digits' dict with
+    ``root`` and ``val_broken`` added."""
+    pytest.importorskip("av", reason="video tests need PyAV: pip install 'vimtr[video]'")
+    from vimtr.data.synthetic_video import write_moving_digits
+
+    root = tmp_path_factory.mktemp("kinetics_like")
+    info = write_moving_digits(root, classes=3, per_class=2, frames=24, size=64, width=96)
+    broken = root / "videos" / "1" / "broken.mp4"
+    broken.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                     dtype=torch.uint8).numpy().tobytes())
+    (root / "val_broken.csv").write_text(info["val"].read_text() + "videos/1/broken.mp4,1\n")
+    return {**info, "root": root, "val_broken": root / "val_broken.csv"}

@@ -14,7 +14,7 @@ PKG = SRC / "vimtr"
 MAX_LINES = 600
 # Over the limit today and owned by other work (split pending, issue #18): each may not grow, and must leave
 # this list once it is split.
-KNOWN_OVER = {"vimtr/models/checkpoint.py": 632}
+KNOWN_OVER: dict = {}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -73,6 +73,16 @@ def criterion_and_mixup(num_classes: int, mixup: float, cutmix: float, label_smo
     return torch.nn.CrossEntropyLoss(), None
 
 
+def mix(mixup, x: torch.Tensor, y: torch.Tensor):
+    """(inputs, targets) after timm's ``mixup`` (or as they are when it is None). timm cuts its CutMix box from
+    the last two axes of a 4-D batch, so clips (B, C, T, H, W) go in as (B, C·T, H, W): one box in H × W,
+    the same on every frame (as VideoMamba's video mixup)."""
+    if mixup is None:
+        return x, y
+    mixed, targets = mixup(x.flatten(1, -3), y)
+    return mixed.view(x.shape), targets
+
+
 def distill_kl(student_logits, teacher_logits, temperature: float = 1.0):
     """KL(teacher ‖ student) on softmax(logits / T), batch mean, scaled by T² (T = 1: R-MeeTo's loss)."""
     t = temperature

@@ -34,6 +34,7 @@ class Settings:
     lr: float | None = _s(None, "absolute learning rate (overrides --base-lr scaling)", resume=True)
     min_lr: float = _s(1e-6, "end of the cosine schedule", resume=True)
     warmup_steps: int = _s(0, "linear warm-up from --min-lr (R-MeeTo: none)", resume=True)
+    warmup_epochs: float = _s(0.0, "more warm-up, in epochs (R-MeeTo's K400 recipe: 5)", resume=True)
     weight_decay: float = _s(0.05, "AdamW decay (not on norms/biases/embeddings)")
     clip_grad: float | None = _s(None, "clip the gradient norm", metavar="NORM")
     drop_path: float | None = _s(None, "the student's top stochastic-depth rate (default: the model's, 0.1; "
@@ -54,6 +55,9 @@ class Settings:
     label_smoothing: float = _s(0.1, "label smoothing", flag="--smoothing", group="augmentation")
     repeated_aug: int = _s(1, "DeiT repeated augmentation (1 = off)", cli=3, group="augmentation", resume=True)
     train_fraction: float = _s(1.0, "train on a fixed random fraction (ablation)", group="data", resume=True)
+    num_sample: int = _s(1, "video: augmented clips drawn per video and visit, all in its batch (VideoMamba/R-MeeTo "
+                            "--num_sample 2: a batch of B videos trains on 2B clips)", group="augmentation",
+                         resume=True)
     save_every_steps: int = _s(0, "also checkpoint every N optimizer steps (a kill loses at most N steps)",
                                group="data", metavar="N")
     eval_every_steps: int = _s(0, "also evaluate every N steps", group="data", metavar="N")
@@ -66,12 +70,14 @@ class Settings:
     def check(self):
         from vimtr.engine.common import check_batch_size
 
-        for name in ("epochs", "batch_size", "accum_steps"):
+        for name in ("epochs", "batch_size", "accum_steps", "num_sample"):
             check_batch_size(getattr(self, name), name)
         for name in ("save_every_steps", "eval_every_steps", "warmup_steps", "workers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise UsageError(f"{name} must be an integer >= 0, got {v!r}")
+        if not self.warmup_epochs >= 0:
+            raise UsageError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
         if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
             raise UsageError(f"drop_path is a probability in [0, 1), got {self.drop_path!r}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:

@@ -16,7 +16,6 @@ see docs/engines.md.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import warnings
 from dataclasses import asdict
@@ -31,53 +30,22 @@ from vimtr.data import folders as data
 from vimtr.engine import checkpoints, common, distributed, recipe
 from vimtr.engine import settings as settings_mod
 from vimtr.engine.settings import RESUME_KEYS, Settings
+from vimtr.engine.train_log import Writer, describe_entry, describe_summary
 from vimtr.errors import UsageError
 from vimtr.engine.evaluate import evaluate
-
-class _Writer:
-    """JSON lines per evaluation (and TensorBoard scalars if asked and installed), rank 0 only."""
-
-    def __init__(self, out_dir: Path | None, tensorboard: bool):
-        self.path = out_dir / "log.jsonl" if out_dir else None
-        self.tb = None
-        if tensorboard and out_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                warnings.warn("tensorboard is not installed (pip install tensorboard); logging JSON lines only")
-
-    def rewrite(self, history: list[dict]):
-        """Start the log afresh; on resume it is rebuilt from the checkpoint, dropping lines written after it."""
-        if self.path:
-            text = "".join(json.dumps(common.jsonable(h)) + "\n" for h in history)
-            checkpoints.atomic_write(self.path, lambda f: f.write(text.encode()))
-
-    def add(self, entry: dict):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(common.jsonable(entry)) + "\n")
-        if self.tb:
-            for k, v in entry.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self.tb.add_scalar(k, v, entry.get("step", 0))
-            self.tb.flush()
-
-    def close(self):
-        if self.tb:
-            self.tb.close()
-
 
 # ---------------------------------------------------------------------------------------------- the API
 def retrain(student, train_set, *, teacher=None, val_set=None, settings: Settings | None = None, device="cpu",
             amp=None, ema_init: dict | None = None, out_dir=None, resume=None, reference_top1: float | None = None,
             tensorboard: bool = False, progress: bool = True, log=print, run_config: dict | None = None,
-            **hyperparameters) -> dict:
+            view_average: str = "softmax", **hyperparameters) -> dict:
     """Re-train ``student`` (a reduced vimtr model, trained in place) on ``train_set``; returns a summary.
 
     ``train_set`` yields ``(image, label)``: tensors the model takes as they are, or PIL images
     (``augment=True``: DeiT augmentation; otherwise the official eval preprocessing). ``val_set`` yields
-    ready tensors. ``teacher=None`` distils from the student's own weights unreduced (taken now); pass
+    ready tensors. A video dataset (:func:`vimtr.data.video.load_video_dataset`) samples and augments its own
+    clips for training (VideoMamba's recipe: ``augment``, ``auto_augment``, ``reprob``; ``num_sample`` clips
+    per video and visit); a video ``val_set`` may give several views per clip, combined by ``view_average``. ``teacher=None`` distils from the student's own weights unreduced (taken now); pass
     ``distill_weight=0`` to train on the labels only. ``lr=None`` means ``base_lr × global batch / 512``.
     ``ema_decay``: keep an EMA of the weights, started from ``ema_init`` (a state dict, e.g. the official
     checkpoint's ``model_ema``) or the student; with an EMA, "best" and the recovery time follow the EMA's
@@ -98,7 +66,7 @@ def retrain(student, train_set, *, teacher=None, val_set=None, settings: Setting
     settings = Settings.of(settings, **hyperparameters)
     trainer = Trainer(student, train_set, settings, teacher=teacher, val_set=val_set, device=device, amp=amp,
                       ema_init=ema_init, out_dir=out_dir, reference_top1=reference_top1, tensorboard=tensorboard,
-                      progress=progress, log=log, run_config=run_config)
+                      progress=progress, log=log, run_config=run_config, view_average=view_average)
     if resume is not None:
         trainer.resume(resume)
     else:
@@ -112,8 +80,9 @@ class Trainer:
 
     def __init__(self, student, train_set, s: Settings, *, teacher=None, val_set=None, device="cpu", amp=None,
                  ema_init=None, out_dir=None, reference_top1=None, tensorboard=False, progress=True, log=print,
-                 run_config=None):
+                 run_config=None, view_average="softmax"):
         s.check()
+        self.view_average = view_average  # how a video validation set's views are combined
         self.s, self.val_set, self.amp, self.progress, self.log = s, val_set, amp, progress, log
         self.ctx = distributed.context(device)
         dev = self.dev = self.ctx.device
@@ -122,6 +91,13 @@ class Trainer:
         self.record = checkpoints.vimtr_record(net) if self.out_dir is not None else None
 
         # ---- data: an epoch's order depends on (seed, epoch) only; whole optimizer steps per epoch
+        video = hasattr(train_set, "for_training")  # reads, samples and augments its clips itself
+        if video:
+            from vimtr.data.video_transforms import ClipAugment
+            augment = ClipAugment(train_set.size, s.auto_augment, s.reprob) if s.augment else None
+            train_set = train_set.for_training(augment=augment, num_sample=s.num_sample)
+        elif s.num_sample != 1:
+            raise UsageError(f"num_sample={s.num_sample} draws several clips per video: it applies to video datasets")
         train_subset = data.fraction_subset(train_set, s.train_fraction, s.seed)
         self.sampler = data.EpochSampler(len(train_subset), s.batch_size, rank=self.ctx.rank, world=self.ctx.world,
                                          seed=s.seed, repeats=s.repeated_aug)
@@ -131,14 +107,15 @@ class Trainer:
             raise UsageError(f"the training set has {len(train_subset)} images ({per} per process over "
                              f"{self.ctx.world}); one optimizer step needs batch_size × accum_steps = "
                              f"{s.batch_size * s.accum_steps} per process: lower the batch size or accum_steps")
-        transform = (recipe.train_transform(net, s.auto_augment, s.color_jitter, s.reprob) if s.augment
-                     else recipe.EvalIfImage(net))
+        transform = (None if video else recipe.train_transform(net, s.auto_augment, s.color_jitter, s.reprob)
+                     if s.augment else recipe.EvalIfImage(net))
         self.loader = DataLoader(data.SeededDataset(train_subset, transform), batch_size=s.batch_size,
                                  sampler=self.sampler, num_workers=data.loader_workers(train_subset, s.workers),
                                  collate_fn=data.collate_skip,
                                  pin_memory=dev.type == "cuda",
                                  generator=torch.Generator())  # iterator creation must not draw from the global RNG
         self.total_steps = self.batches // s.accum_steps * s.epochs
+        warmup = s.warmup_steps + round(s.warmup_epochs * (self.batches // s.accum_steps))
         global_batch = s.batch_size * self.ctx.world * s.accum_steps
         self.lr = float(s.lr) if s.lr is not None else s.base_lr * global_batch / 512
         min_lr = min(s.min_lr, self.lr)
@@ -146,6 +123,7 @@ class Trainer:
                        "global_batch": global_batch, "train_size": len(train_subset), "device": str(dev),
                        "amp": None if amp is None else str(amp).replace("torch.", ""),
                        "steps_per_epoch": self.batches // s.accum_steps, "total_steps": self.total_steps,
+                       "warmup_total_steps": warmup,
                        "model": self.record, **(run_config or {})}
 
         # ---- teacher: the original weights unreduced, taken before any training or resume
@@ -170,8 +148,8 @@ class Trainer:
         net.to(dev).train()
         self.optimizer = recipe.adamw(net, self.lr, s.weight_decay)
         from timm.scheduler import CosineLRScheduler
-        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - s.warmup_steps),
-                                           lr_min=min_lr, warmup_t=s.warmup_steps, warmup_lr_init=min_lr,
+        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warmup),
+                                           lr_min=min_lr, warmup_t=warmup, warmup_lr_init=min_lr,
                                            warmup_prefix=True, t_in_epochs=False)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)  # bf16 needs no scaling
         self.ema = None
@@ -194,7 +172,7 @@ class Trainer:
                       "reference_top1": reference_top1, "training_free_top1": None, "recovered_minutes": None,
                       "recovered_step": None, "train_seconds": 0.0, "wall_seconds": 0.0, "epoch_loss": 0.0,
                       "epoch_images": 0, "epoch_seconds": 0.0, "corrupt": 0}
-        self.writer = _Writer(self.out_dir if self.ctx.is_main else None, tensorboard)
+        self.writer = Writer(self.out_dir if self.ctx.is_main else None, tensorboard)
         self.last_eval = {}  # step -> result: the final report reuses the end-of-training evaluation
         self.start_wall = time.perf_counter()
 
@@ -290,14 +268,16 @@ class Trainer:
     def _forward_backward(self, batch, sync: bool) -> float:
         st, s, dev = self.state, self.s, self.dev
         x, y, bad = data.unpack(batch)
-        st["corrupt"] += int(bad)
+        st["corrupt"] += len(bad)
         if x is None:
             raise UsageError(f"a whole batch of {s.batch_size} training images was unreadable (see the warnings); "
                              f"fix the data folder")
+        if x.dim() == len(self.net.input_size) + 2:  # num_sample clips per video: all of them train
+            x, y = x.flatten(0, 1), y.repeat_interleave(x.shape[1])
         if self.mixup is not None and len(x) % 2:  # a skipped image left an odd batch: mixup needs pairs
             x, y = x[:-1], y[:-1]
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        x, targets = self.mixup(x, y) if self.mixup is not None else (x, y)
+        x, targets = recipe.mix(self.mixup, x, y)
         # Without sync, DDP keeps this micro-batch's gradients local until the step's last one.
         no_sync = self.model.no_sync() if self.ctx.distributed and not sync else contextlib.nullcontext()
         with no_sync:
@@ -332,7 +312,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation, logs, checkpoints
     def _eval(self, model, desc):
         return evaluate(model, self.val_set, batch_size=self.s.eval_batch_size or self.s.batch_size, device=self.dev,
-                        amp=self.amp, progress=self.progress, workers=self.s.workers, desc=desc)
+                        amp=self.amp, progress=self.progress, workers=self.s.workers, desc=desc,
+                        view_average=self.view_average)
 
     def _evaluate(self):
         """Evaluate the student (and EMA); returns (history entry, is best) or (None, False) without val set."""
@@ -373,7 +354,7 @@ class Trainer:
             self._save(save)
         if self.ctx.is_main:
             self.writer.add(entry)
-            self._say(_describe_entry(entry))
+            self._say(describe_entry(entry))
 
     def _save(self, tag: str):
         """All ranks call this (their RNG states are gathered); rank 0 writes last.pt (and best.pt)."""
@@ -395,26 +376,6 @@ class Trainer:
     def _say(self, text: str):
         if self.ctx.is_main and self.log:
             self.log(text)
-
-
-def _describe_entry(e: dict) -> str:
-    parts = [f"epoch {e['epoch']:g}", f"step {e['step']}"]
-    if e.get("train_loss") is not None:
-        parts.append(f"loss {e['train_loss']:.4f}")
-    if e.get("top1") is not None:
-        parts.append(f"top-1 {100 * e['top1']:.2f}%")
-    if e.get("ema_top1") is not None:
-        parts.append(f"EMA top-1 {100 * e['ema_top1']:.2f}%")
-    if e.get("reference_top1") is not None:
-        parts.append(f"unreduced {100 * e['reference_top1']:.2f}%")
-    if e.get("lr") is not None:
-        parts.append(f"lr {e['lr']:.2e}")
-    if e.get("images_per_s"):
-        parts.append(f"{e['images_per_s']:.0f} img/s")
-    parts.append(f"{e.get('minutes', 0):.2f} min")
-    if e.get("recovered_minutes") is not None:
-        parts.append(f"recovered after {e['recovered_minutes']:.2f} train-min")
-    return "  ".join(parts)
 
 
 def _check_resume(ckpt: dict, record: dict, config: dict, path):
@@ -442,11 +403,20 @@ examples:
       --method rmeeto --num-prune 11 --data /data/imagenet --epochs 15 --batch-size 128 --output runs/vim_s_r11
   # continue a killed run where it stopped
   torchrun --nproc_per_node 4 -m vimtr retrain ... --output runs/vim_s_r11 --resume
+  # R-MeeTo K400, VideoMamba-S: r=88, 8 frames, 15 epochs, 4 GPUs x 32 videos x 2 clips, accumulation 2
+  torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint videomamba_s16_k400_f8_res224.pth --method rmeeto \
+      --num-prune 88 --data k400/train.csv --val-data k400/val.csv --data-root k400/videos --num-frames 8 \
+      --epochs 15 --batch-size 32 --num-sample 2 --accum-steps 2 --lr 4e-5 --min-lr 2e-6 --warmup-epochs 5 \
+      --weight-decay 0.1 --aa rand-m5-n2-mstd0.25-inc1 --repeated-aug 1 --no-distill --amp bf16 \
+      --output runs/k400_s_r88
+      (docs/video.md: the whole recipe and what differs from the official script)
   # the built-in digits set on CPU, a few minutes
   vimtr retrain --model vim_digits --method rmeeto --r 8 --data digits --epochs 3 --batch-size 64 \\
       --lr 1e-3 --output runs/digits_r8
 
---data DIR holds train/ and val/ ImageFolders (ImageNet layout); --val-data overrides the latter.
+--data DIR holds train/ and val/ ImageFolders (ImageNet layout); --val-data overrides the latter. For a
+video model --data is a training annotation list (--val-data the validation one) or a folder with train/
+and val/ class folders of clips; --test-views sets the validation views (default 1x1).
 Writes OUTPUT/last.pt (every epoch and every --save-every-steps steps), OUTPUT/best.pt, OUTPUT/log.jsonl
 (one JSON line per evaluation: epoch, step, train_loss, lr, top1, top5, val_loss, ema_top1, images_per_s,
 train_minutes, minutes, recovered_minutes) and OUTPUT/results.json. Checkpoints reload with
@@ -463,8 +433,10 @@ def add_cli(subparsers):
     p.add_argument("--teacher", metavar="PATH", help="teacher weights (default: the --checkpoint unreduced)")
     common.add_reduction_args(p)
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", required=True, metavar="DIR|digits", help="folder with train/ and val/, or digits")
-    g.add_argument("--val-data", metavar="DIR", help="validation ImageFolder (default: DATA/val)")
+    g.add_argument("--data", required=True, metavar="DIR|LIST|digits",
+                   help="folder with train/ and val/, or digits; for a video model also a training annotation list")
+    g.add_argument("--val-data", metavar="DIR|LIST", help="validation ImageFolder or video list/folder "
+                                                          "(default: DATA/val)")
     g.add_argument("--output", required=True, metavar="DIR", help="checkpoints, logs and results go here")
     g.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue from a checkpoint (no value: OUTPUT/last.pt if it exists, else start)")
@@ -477,6 +449,7 @@ def add_cli(subparsers):
     groups["optimisation"].add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                                         help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
     groups["distillation"].add_argument("--no-distill", action="store_true", help="train on the labels only")
+    common.add_video_args(p, test_views=True)
     common.add_runtime_args(p, workers=8)
     p.set_defaults(func=run)
     return p
@@ -493,8 +466,27 @@ def execute(args) -> dict:
     return common.execute("retrain", _run, args)
 
 
+def _video_datasets(args, model):
+    """(train, val or None) for a video model: --data a folder with train/ (and val/) class folders, or an
+    annotation list (then --val-data names the validation list, or --no-eval)."""
+    train = common.video_dataset(args, model, args.data, "train", views="1x1")
+    if args.no_eval:
+        return train, None
+    root = Path(args.data).expanduser()
+    if args.val_data:
+        val_spec = args.val_data
+    elif root.is_dir() and (root / "val").is_dir():
+        val_spec = root / "val"
+    else:
+        raise UsageError(f"--data {args.data}: no validation clips; pass --val-data (a list such as val.csv, or a "
+                         f"folder) or --no-eval")
+    return train, common.video_dataset(args, model, val_spec, "val")
+
+
 def _datasets(args, model):
     """(train, val or None) from --data/--val-data; folder train sets stay PIL for the augmentation."""
+    if common.video_args_apply(args, model):
+        return _video_datasets(args, model)
     if args.data == data.DIGITS:
         train = data.load_dataset(data.DIGITS, "train")
         val = None if args.no_eval else data.load_dataset(args.val_data or data.DIGITS, "val")
@@ -555,7 +547,7 @@ def _run(args, ctx: distributed.Context):
         warnings.warn("no token reduction (give --method ...): re-training the full model", stacklevel=1)
     train_set, val_set = _datasets(args, model)
     for ds, what in ((train_set, "training set"), (val_set, "validation set")):
-        if ds is not None:
+        if ds is not None and not getattr(ds, "is_video", False):  # video sets were checked when built
             data.check_classes(model, ds, what)
             data.check_image_model(model, ds)
     run_config = {"command": "retrain", "checkpoint": args.checkpoint, "teacher": args.teacher,
@@ -564,28 +556,14 @@ def _run(args, ctx: distributed.Context):
         args, distill_weight=0.0 if args.no_distill else args.distill_weight,
         ema_decay=args.ema_decay if args.model_ema else None, augment=args.augment and args.data != data.DIGITS,
         recover_within=None if args.no_eval else args.recover_within)
+    if getattr(val_set, "is_video", False):
+        run_config["val_protocol"] = {**val_set.protocol(), "view_average": args.view_average}
     summary = retrain(model, train_set, teacher=teacher, val_set=val_set, settings=settings, device=ctx.device, amp=amp,
                       ema_init=ema_init, out_dir=out, resume=resume, tensorboard=args.tensorboard,
-                      progress=not args.no_progress, run_config=run_config)
+                      progress=not args.no_progress, run_config=run_config, view_average=args.view_average)
     if ctx.is_main:
-        print(_describe_summary(summary), flush=True)
+        print(describe_summary(summary), flush=True)
     return summary
-
-
-def _describe_summary(s: dict) -> str:
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.2f} %"
-    lines = [f"steps            {s['steps']} in {s['train_minutes']:.2f} train-min ({s['minutes']:.2f} min total)",
-             f"unreduced top-1  {pct(s['reference_top1'])}",
-             f"training-free    {pct(s['training_free_top1'])}",
-             f"final top-1      {pct(s['final']['top1'] if s['final'] else None)}",
-             f"best top-1       {pct(s['best_top1'])}"]
-    if s["recover_within"] is not None:
-        got = (f"{s['recovered_minutes']:.2f} train-min (step {s['recovered_step']})"
-               if s["recovered_minutes"] is not None else "not reached")
-        lines.append(f"within {s['recover_within']:g} pt   {got}")
-    lines.append(f"checkpoint       {s['checkpoint']}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

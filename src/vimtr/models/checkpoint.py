@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import pickle
-import pickletools
 import re
 import warnings
 from collections.abc import Mapping
@@ -37,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from vimtr.models.adapt_weights import inflate_image_weights, resample_pos_embed
+from vimtr.models.pickle_scan import qualname, unsafe_globals
 from vimtr.models.registry import canonical_name, create_model, list_models, model_config
 from vimtr.models.videomamba import VideoMamba
 from vimtr.models.vim import VisionMamba
@@ -160,12 +161,12 @@ def _torch_load(path: Path, label: str):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise before our own error
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        unsafe = _unsafe_globals(path, e)
+        unsafe = unsafe_globals(path, e, SAFE_GLOBALS)
         if unsafe:
             raise CheckpointError(
                 f"{label}: refused to load: unpickling it would import/call {', '.join(unsafe)}, which a weights "
                 f"checkpoint never needs (allowed: tensors, plain containers and "
-                f"{', '.join(_qualname(g) for g in SAFE_GLOBALS)}). Nothing from the file was run. If you trust "
+                f"{', '.join(qualname(g) for g in SAFE_GLOBALS)}). Nothing from the file was run. If you trust "
                 f"the file, extract its state dict yourself and pass that to load_model") from None
         raise CheckpointError(f"{label}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
     except Exception as e:  # EOFError (empty), RuntimeError (truncated zip), KeyError/ValueError (not a pickle)
@@ -173,56 +174,10 @@ def _torch_load(path: Path, label: str):
         raise CheckpointError(f"{label}: not a readable PyTorch checkpoint: {what} ({_first_line(e)})") from None
 
 
-def _qualname(obj) -> str:
-    return f"{obj.__module__}.{obj.__qualname__}"
-
-
 def _first_line(e: BaseException) -> str:
     """``Type: first line of the message`` (torch's messages run to paragraphs)."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
-def _unsafe_globals(path: Path, err: Exception) -> list[str]:
-    """Name the globals a refused pickle wanted, without running it: a static scan, else torch's message."""
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # zip files only
-    except Exception:
-        names = [n for n in _scan_pickle_globals(path)
-                 if not n.startswith(("torch.", "collections.OrderedDict"))]  # allowed by torch by default
-    allowed = {_qualname(g) for g in SAFE_GLOBALS}
-    names = [n for n in names if n not in allowed] or re.findall(r"GLOBAL ([\w.]+)", str(err))
-    return list(dict.fromkeys(names))
-
-
-def _scan_pickle_globals(path: Path, max_pickles: int = 4) -> list[str]:
-    """Statically list GLOBAL/STACK_GLOBAL imports of a plain pickle (legacy format: several in a row).
-
-    ``pickletools.genops`` only decodes opcodes; STACK_GLOBAL takes its module and name from the two
-    strings pushed before it, possibly via the memo, which is tracked for strings only.
-    """
-    found = []
-    with open(path, "rb") as f:
-        for _ in range(max_pickles):
-            strings, memo, top = [], {}, None  # top: the string on top of the stack, if it is one
-            try:
-                for op, arg, _ in pickletools.genops(f):
-                    if op.name in ("GLOBAL", "INST"):
-                        found.append(arg.replace(" ", "."))
-                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        found.append(f"{strings[-2]}.{strings[-1]}")
-                    if op.name == "MEMOIZE" or op.name.endswith("PUT"):  # store the top, leave the stack
-                        memo[len(memo) if op.name == "MEMOIZE" else arg] = top
-                        continue
-                    if isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
-                        top = arg
-                    else:
-                        top = memo.get(arg) if op.name.endswith("GET") else None
-                    if isinstance(top, str):
-                        strings.append(top)
-            except Exception:  # end of the pickles (raw storage bytes follow in the legacy format)
-                break
-    return found
 
 
 def bundled_models() -> list[str]:
@@ -406,6 +361,11 @@ def _geometry(grid: int, patch: int, allow_stride: bool, sizes: list[int]) -> tu
 
 def _infer_config(sd: Mapping, src: _Source, notices: _Notices | None) -> tuple[str, dict]:
     """Registered name + overrides from the tensor shapes; raises CheckpointError for foreign weights."""
+    return _closest_registered(*_shape_config(sd, src, notices))
+
+
+def _shape_config(sd: Mapping, src: _Source, notices: _Notices | None) -> tuple[str, dict]:
+    """(family, configuration) read from the tensor shapes; raises CheckpointError for foreign weights."""
     foreign = _foreign_kind(sd)
     if foreign:
         raise CheckpointError(f"{src.label}: not a Vision Mamba checkpoint: it looks like {foreign}. vimtr "
@@ -442,7 +402,31 @@ def _infer_config(sd: Mapping, src: _Source, notices: _Notices | None) -> tuple[
         input_size = _ckpt_args(src.obj).get("input_size")
         sizes = list(dict.fromkeys(([input_size] if isinstance(input_size, int) else []) + [224]))
         cfg["img_size"], cfg["stride"] = _geometry(grid, patch, family == "middle", sizes)
-    return _closest_registered(family, cfg)
+    return family, cfg
+
+
+# What a flat video checkpoint's shapes fix even when the caller names the model: official K400/SSv2 files
+# differ only in these, and a named build at the registry's defaults could not load them.
+_VIDEO_GEOMETRY = ("depth", "img_size", "num_frames", "kernel_size", "num_classes", "d_state")
+
+
+def _named_video_geometry(name: str, sd: Mapping, src: _Source, notices: _Notices) -> dict:
+    """For a named video model and video weights of its width: the overrides that build it at the weights'
+    geometry (frames, image size, depth, classes). Anything else (image weights to inflate, another width)
+    gets none: the inflation or the strict loader's report handles it."""
+    if _family(name) != "video":
+        return {}
+    try:
+        family, cfg = _shape_config(sd, src, None)
+    except CheckpointError:
+        return {}
+    ref = _registered_config(name)
+    if family != "video" or cfg["embed_dim"] != ref["embed_dim"]:
+        return {}
+    out = {k: cfg[k] for k in _VIDEO_GEOMETRY if k in cfg and ref.get(k) != cfg[k]}
+    if out:
+        notices.note(f"built {name} at the checkpoint's geometry: {', '.join(f'{k}={v}' for k, v in out.items())}")
+    return out
 
 
 def _closest_registered(family: str, cfg: dict) -> tuple[str, dict]:
@@ -470,60 +454,6 @@ def _looks_like(sd: Mapping, src: _Source) -> str | None:
         return _describe(*_infer_config(sd, src, notices=None))
     except Exception:
         return None
-
-
-# ============================================================================ adapting weights to the model
-def _inflate_image_weights(sd: dict, model: nn.Module, notices: _Notices) -> dict:
-    """Image weights into a video model, as VideoMamba's ``inflate_weight``: 2-D kernel in the centre slice."""
-    weight, target = sd.get("patch_embed.proj.weight"), model.patch_embed.proj.weight
-    if not (isinstance(model, VideoMamba) and weight is not None and weight.dim() == 4 and target.dim() == 5):
-        return sd
-    sd = dict(sd)
-    frames = target.shape[2]
-    inflated = weight.new_zeros(weight.shape[:2] + (frames,) + weight.shape[2:])
-    inflated[:, :, frames // 2] = weight
-    sd["patch_embed.proj.weight"] = inflated
-    notices.note(f"inflated the 2-D patch embedding {_shape(weight)} into the centre temporal slice of the 3-D "
-                 f"kernel {_shape(inflated)}")
-    if "temporal_pos_embedding" not in sd:
-        sd["temporal_pos_embedding"] = model.temporal_pos_embedding.detach().clone()  # zeros at construction
-        notices.warn("the image checkpoint has no temporal_pos_embedding: it stays zero")
-    own_head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
-    ckpt_head = {k: v for k, v in sd.items() if k.startswith("head.")}
-    if ckpt_head and {k: v.shape for k, v in ckpt_head.items()} != {k: v.shape for k, v in own_head.items()}:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        sd.update({k: v.clone() for k, v in own_head.items()})
-        notices.warn(f"dropped the checkpoint's head ({_shape(ckpt_head.get('head.weight'))}): it does not fit "
-                     f"num_classes={model.num_classes}; the head keeps its random initialisation")
-    return sd
-
-
-def _resample_pos_embed(sd: dict, model: nn.Module, notices: _Notices) -> dict:
-    """Bicubic resample of the patch rows of pos_embed to the model's grid; the class row is kept aside.
-
-    Vim's class row sits at M//2 (M = patch count), VideoMamba's at 0, so it is taken out before the
-    resample and put back at the new M'//2 (or 0). For video models pos_embed is the spatial one.
-    """
-    pos, target = sd.get("pos_embed"), model.pos_embed
-    if pos is None or pos.shape == target.shape or pos.dim() != 3 or pos.shape[-1] != target.shape[-1]:
-        return sd  # nothing to do, or a mismatch the strict check reports
-    old_m, new_m = pos.shape[1] - 1, target.shape[1] - 1
-    old_grid, new_grid = math.isqrt(old_m), list(model.patch_embed.grid_size)
-    if old_grid * old_grid != old_m or new_grid[0] * new_grid[1] != new_m:
-        return sd
-    middle = model.cls_position == "middle"
-    old_i, new_i = (old_m // 2, new_m // 2) if middle else (0, 0)
-    cls_row = pos[:, old_i:old_i + 1]
-    rows = torch.cat((pos[:, :old_i], pos[:, old_i + 1:]), dim=1)
-    from timm.layers import resample_abs_pos_embed  # here: timm (and torchvision) take ~2 s to import
-    # antialias=False: the official fine-tune code (Vim main.py, VideoMamba) calls F.interpolate(bicubic) plainly.
-    rows = resample_abs_pos_embed(rows, new_size=new_grid, old_size=[old_grid, old_grid], num_prefix_tokens=0,
-                                  interpolation="bicubic", antialias=False)
-    sd = dict(sd)
-    sd["pos_embed"] = torch.cat((rows[:, :new_i], cls_row, rows[:, new_i:]), dim=1)
-    notices.note(f"pos_embed resampled (bicubic) from a {old_grid}x{old_grid} to a {new_grid[0]}x{new_grid[1]} "
-                 f"patch grid; class row kept at index {new_i}")
-    return sd
 
 
 # ============================================================================ strict loading
@@ -610,7 +540,7 @@ def build_from_checkpoint(checkpoint, name: str | None = None, use_ema: bool = F
     elif name is None:
         arch, cfg = _infer_config(sd, src, notices)
     else:
-        arch, cfg = name, {}
+        arch, cfg = name, _named_video_geometry(name, sd, src, notices)
     cfg.update(overrides)
     what = _describe(arch, cfg)
     try:
@@ -620,8 +550,8 @@ def build_from_checkpoint(checkpoint, name: str | None = None, use_ema: bool = F
 
     if name is not None:
         _check_declared_layout(src, model, notices)
-    sd = _inflate_image_weights(sd, model, notices)
-    sd = _resample_pos_embed(sd, model, notices)
+    sd = inflate_image_weights(sd, model, notices)
+    sd = resample_pos_embed(sd, model, notices)
     _load_strict(model, sd, src, what, raw_sd)
     model.eval()
     model.checkpoint_info = {"file": src.label, "format": src.fmt, "name": arch,

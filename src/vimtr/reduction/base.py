@@ -34,6 +34,8 @@ class TokenReducer:
         self.num_tokens = self._initial_tokens(model)
         self.cls_start = model.initial_cls_index
         self.embed_dim = model.embed_dim
+        # Video models (VideoMamba K400: class token first, T·HW frame-major tokens) may have their own rules.
+        self.video = hasattr(model, "temporal_pos_embedding")
         self.trace_source = bool(trace_source)
         self.params = {**self.PARAMS, **params}
         self.check_params()

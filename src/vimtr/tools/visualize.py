@@ -1,7 +1,9 @@
 """Token maps: which patches each final token stands for, and MTR's importance heat-map.
 
 ``vimtr visualize IMAGE --model NAME|--checkpoint PATH --method mtr rmeeto ...`` writes a PNG with the
-image, the importance map and one merged-group map per method. Works with any model vimtr loads.
+image, the importance map and one merged-group map per method. Works with any model vimtr loads; for a
+video model IMAGE is a clip (a video file or a folder of frames) and the maps are drawn frame by frame
+(:mod:`vimtr.tools.visualize_video`).
 """
 from __future__ import annotations
 
@@ -50,10 +52,16 @@ def _grid(model):
     return model.patch_embed.grid_size
 
 
-@torch.no_grad()
 def group_map(model, x: torch.Tensor, method: str, **params) -> tuple[np.ndarray, dict]:
     """Reduce with ``method`` and return, per patch, the index of the final token it ended up in
     (B, gh, gw), plus the trace. The model is restored afterwards."""
+    groups, trace = group_indices(model, x, method, **params)
+    return groups.reshape(x.shape[0], *_grid(model)).cpu().numpy(), trace
+
+
+@torch.no_grad()
+def group_indices(model, x: torch.Tensor, method: str, **params) -> tuple[torch.Tensor, dict]:
+    """(B, P): the final token each of the P patches (all frames of a clip) ended up in, and the trace."""
     saved = getattr(model, "reduction", None)
     vimtr.reduce(model, method, trace_source=True, **params)
     try:
@@ -63,8 +71,7 @@ def group_map(model, x: torch.Tensor, method: str, **params) -> tuple[np.ndarray
         vimtr.restore(model)
         if saved is not None:
             vimtr.reduce(model, saved["method"], **{**saved["params"], "trace_source": False})
-    groups = trace["source"].argmax(dim=1)  # (B, P): the final token each patch belongs to
-    return groups.reshape(x.shape[0], *_grid(model)).cpu().numpy(), trace
+    return trace["source"].argmax(dim=1), trace  # (B, P): the final token each patch belongs to
 
 
 def group_mean_image(image: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -137,7 +144,8 @@ def add_cli(sub):
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  vimtr visualize cat.jpg --checkpoint vim_t_midclstok_76p1acc.pth "
                               "--method mtr rmeeto\n  vimtr visualize digits:0 --model vim_digits --out map.png")
-    p.add_argument("image", help="an image file, or digits:N for test image N of the built-in digits set")
+    p.add_argument("image", help="an image file, or digits:N for test image N of the built-in digits set; for a "
+                                 "video model a clip (video file or folder of frames)")
     p.add_argument("--model", help="registered or bundled model name (default vim_digits for digits:N)")
     p.add_argument("--checkpoint", help="checkpoint file to load (official .pth, .safetensors, vimtr)")
     p.add_argument("--method", nargs="+", default=["mtr", "rmeeto"], help="methods to show (default mtr rmeeto)")
@@ -172,8 +180,16 @@ def run(args):
     if not args.model and not args.checkpoint and args.image.startswith("digits:"):
         args.model = "vim_digits"
     model = load_for_cli(args)
-    x, image = _load_input(args.image, model)
     methods = {m: (m, {"flops_reduction": args.flops_reduction}) for m in args.method}
-    out = token_map_figure(model, x, image, methods, args.out, importance_block=args.block,
-                           title=f"{getattr(model, 'model_name', '')} — {args.flops_reduction:.0%} fewer FLOPs")
+    title = f"{getattr(model, 'model_name', '')} — {args.flops_reduction:.0%} fewer FLOPs"
+    if hasattr(model, "temporal_pos_embedding"):  # a video model: per-frame maps of one clip
+        from vimtr.tools.visualize_video import clip_figure, load_clip
+        if not Path(args.image).exists():
+            raise FileNotFoundError(f"clip {args.image!r} not found (a video file or a folder of frames)")
+        x, frames = load_clip(args.image, model)
+        out = clip_figure(model, x, frames, methods, args.out, block=args.block, title=title)
+        print(f"wrote {out}")
+        return
+    x, image = _load_input(args.image, model)
+    out = token_map_figure(model, x, image, methods, args.out, importance_block=args.block, title=title)
     print(f"wrote {out}")
