@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 import vimtr
 from vimtr.data import folders as data
+from vimtr.progress import progress_bar
 from vimtr.engine import checkpoints, common, distributed, recipe
 from vimtr.engine import settings as settings_mod
 from vimtr.engine.settings import RESUME_KEYS, Settings
@@ -261,9 +261,8 @@ class Trainer:
         st, s = self.state, self.s
         self.sampler.set_epoch(epoch, skip=st["batch_in_epoch"] * s.batch_size)
         self.model.train()
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{s.epochs}", initial=st["batch_in_epoch"],
-                   total=self.batches, disable=not (self.progress and self.ctx.is_main), dynamic_ncols=True,
-                   leave=False)
+        bar = progress_bar(self.loader, desc=f"epoch {epoch + 1}/{s.epochs}", initial=st["batch_in_epoch"],
+                           total=self.batches, enabled=self.progress and self.ctx.is_main)
         micro, tick = st["batch_in_epoch"], time.perf_counter()
         for batch in bar:
             micro += 1
@@ -441,7 +440,8 @@ examples:
   torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint vim_s_midclstok_80p5acc.pth \\
       --method rmeeto --num-prune 11 --data /data/imagenet --epochs 15 --batch-size 128 --output runs/vim_s_r11
   # continue a killed run where it stopped
-  torchrun --nproc_per_node 4 -m vimtr retrain ... --output runs/vim_s_r11 --resume
+  torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint vim_s_midclstok_80p5acc.pth \\
+      --method rmeeto --num-prune 11 --data /data/imagenet --epochs 15 --batch-size 128 --output runs/vim_s_r11 --resume
   # the built-in digits set on CPU, a few minutes
   vimtr retrain --model vim_digits --method rmeeto --r 8 --data digits --epochs 3 --batch-size 64 \\
       --lr 1e-3 --output runs/digits_r8
