@@ -176,6 +176,9 @@ def _read_bundled(name: str) -> _Source | None:
         raise CheckpointError(f"{label}: its card {name}.json needs a 'model' key naming a registered model")
     # A bundled model is described exactly like a vimtr-written checkpoint, so one code path serves both.
     record = {"model_name": card["model"], "config": card.get("config") or {}, "reduction": card.get("reduction")}
+    dataset = card.get("dataset")
+    if isinstance(dataset, Mapping) and isinstance(dataset.get("normalisation"), Mapping):
+        record["normalisation"] = dict(dataset["normalisation"])  # eval_transform normalises with it
     return _Source(label, {"model": state, "vimtr": record}, name, "bundled")
 
 
@@ -540,6 +543,7 @@ def build_from_checkpoint(checkpoint, name: str | None = None, use_ema: bool = F
     model.checkpoint_info = {"file": src.label, "format": src.fmt, "name": arch,
                              "inferred": name is None and record is None, "overrides": dict(cfg),
                              "description": what, "ema": use_ema,
-                             "reduction": record.get("reduction") if record else None, "notices": notices.items}
+                             "reduction": record.get("reduction") if record else None, "notices": notices.items,
+                             "normalisation": record.get("normalisation") if record else None}
     logger.info("loaded %s (%s%s) as %s", src.label, src.fmt, ", EMA" if use_ema else "", what)
     return model
