@@ -81,13 +81,20 @@ def main(argv=None):
         parser.print_help()
         return 0
     try:
+        from vimtr import checks
+
+        checks.preflight(args)  # every argument checked before a model is loaded or any work starts
         return args.func(args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        # Bad input: one clear line, not a stack trace (set VIMTR_DEBUG=1 for the trace).
+    except (ValueError, TypeError, OSError) as e:
+        # Bad input (a value, a file, a folder, a permission): one clear line, not a stack trace (set
+        # VIMTR_DEBUG=1 for the trace).
         if os.environ.get("VIMTR_DEBUG"):
             raise
         print(f"vimtr {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"vimtr {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
