@@ -20,12 +20,10 @@ import shlex
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+import standins
 import torch
-from PIL import Image
 
-import vimtr
 from vimtr.cli import COMMAND_HELP, COMMAND_MODULES, build_parser, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -78,23 +76,9 @@ def test_every_command_has_examples_and_the_help_table_matches():
 def workspace(tmp_path_factory):
     """The stand-ins of ON_YOUR_DATA: an official-format checkpoint, an ImageFolder, a photo."""
     root = tmp_path_factory.mktemp("examples")
-    torch.manual_seed(0)
-    model = vimtr.create_model("vim_tiny", depth=12, embed_dim=48, img_size=64, patch_size=8, num_classes=4).eval()
-    state = model.state_dict()
-    ckpt = root / "vim_t_midclstok_76p1acc.pth"
-    torch.save({"model": state, "model_ema": {k: v.clone() for k, v in state.items()}, "epoch": 299,
-                "args": argparse.Namespace(model="vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed"
-                                                 "_with_midclstok_div2", input_size=64, nb_classes=4)}, ckpt)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 4)):
-        for c in range(4):
-            folder = root / "imagenet" / split / f"n0000000{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = (rng.random((72, 80, 3)) * 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"img_{i}.JPEG")
-    Image.fromarray((rng.random((120, 160, 3)) * 255).astype(np.uint8)).save(root / "cat.jpg")
-    return {"root": root, "ckpt": str(ckpt), "data": str(root / "imagenet")}
+    standins.photo(root / "cat.jpg")
+    return {"root": root, "ckpt": standins.official_checkpoint(root / "vim_t_midclstok_76p1acc.pth"),
+            "data": standins.image_folder(root / "imagenet")}
 
 
 def on_your_data(command: str, line: str, ws: dict) -> list[str]:
