@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from torch.utils.data import Subset
 
 import vimtr

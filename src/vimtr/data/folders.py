@@ -118,9 +118,10 @@ def check_classes(model, dataset, what: str = "dataset"):
 
 
 def check_image_model(model, dataset):
-    """Folder images are RGB and normalised with ImageNet's mean/std: a 3-channel model is needed."""
+    """Folder images load as RGB: a model of other channels needs a transform that converts them
+    (``eval_transform`` does: its ``channels``)."""
     in_chans = model.input_size[0]
-    if isinstance(dataset, ImageFolder) and in_chans != 3:
+    if isinstance(dataset, ImageFolder) and in_chans != 3 and getattr(dataset.transform, "channels", 3) != in_chans:
         raise UsageError(f"image folder {dataset.root!r} gives RGB images but the model takes {in_chans}-channel "
                          f"input; use a 3-channel model (or a tensor dataset such as 'digits' for 1-channel models)")
 

@@ -206,6 +206,10 @@ def main_entry(add_cli, command: str, argv=None):
     parser = argparse.ArgumentParser(prog="vimtr")
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    from vimtr import checks
+
+    with cli_errors(command):
+        checks.preflight(args)
     return args.func(args)
 
 

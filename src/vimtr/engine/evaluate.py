@@ -16,12 +16,12 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 import vimtr
 from vimtr.data import folders as data
 from vimtr.engine import common, distributed
 from vimtr.errors import UsageError
+from vimtr.progress import progress_bar
 
 RESULT_KEYS = ("images", "top1", "top5", "loss", "gflops", "gflops_rmeeto", "params", "tokens_per_block",
                "corrupt", "skipped", "wall_s", "images_per_s", "world_size", "config")
@@ -108,7 +108,7 @@ def evaluate(model, loader_or_dataset, *, batch_size: int = 128, device="cpu", a
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct@1, correct@5, loss
     images, skipped = 0, []
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
+    bar = progress_bar(loader, desc=desc, enabled=progress and ctx.is_main)
     with torch.inference_mode():
         for batch in bar:
             x, y, bad = data.unpack(batch)
@@ -196,7 +196,8 @@ examples:
   vimtr eval --checkpoint vim_t_midclstok_76p1acc.pth --data /data/imagenet/val --json vim_t.json
   vimtr eval --checkpoint vim_b_midclstok_81p9acc.pth --ema --method mtr --flops-reduction 0.4 \\
       --data /data/imagenet/val --amp bf16 --batch-size 256
-  vimtr eval --checkpoint vim_s_midclstok_80p5acc.pth --method rmeeto --r 11 --param ordered=true --data ...
+  vimtr eval --checkpoint vim_s_midclstok_80p5acc.pth --method rmeeto --r 11 --param ordered=true \\
+      --data /data/imagenet/val
   torchrun --nproc_per_node 8 -m vimtr eval --checkpoint runs/vim_s_r11/best.pt --data /data/imagenet/val
 
   # video (VideoMamba K400 test protocol: 8 frames, 4 temporal clips x 3 spatial crops)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 import vimtr
 from vimtr.data import folders as data
+from vimtr.progress import progress_bar
 from vimtr.engine import checkpoints, common, distributed, recipe
 from vimtr.engine import settings as settings_mod
 from vimtr.engine.settings import RESUME_KEYS, Settings
@@ -239,9 +239,8 @@ class Trainer:
         st, s = self.state, self.s
         self.sampler.set_epoch(epoch, skip=st["batch_in_epoch"] * s.batch_size)
         self.model.train()
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{s.epochs}", initial=st["batch_in_epoch"],
-                   total=self.batches, disable=not (self.progress and self.ctx.is_main), dynamic_ncols=True,
-                   leave=False)
+        bar = progress_bar(self.loader, desc=f"epoch {epoch + 1}/{s.epochs}", initial=st["batch_in_epoch"],
+                           total=self.batches, enabled=self.progress and self.ctx.is_main)
         micro, tick = st["batch_in_epoch"], time.perf_counter()
         for batch in bar:
             micro += 1
@@ -402,14 +401,15 @@ examples:
   torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint vim_s_midclstok_80p5acc.pth \\
       --method rmeeto --num-prune 11 --data /data/imagenet --epochs 15 --batch-size 128 --output runs/vim_s_r11
   # continue a killed run where it stopped
-  torchrun --nproc_per_node 4 -m vimtr retrain ... --output runs/vim_s_r11 --resume
+  torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint vim_s_midclstok_80p5acc.pth \\
+      --method rmeeto --num-prune 11 --data /data/imagenet --epochs 15 --batch-size 128 --output runs/vim_s_r11 --resume
   # R-MeeTo K400, VideoMamba-S: r=88, 8 frames, 15 epochs, 4 GPUs x 32 videos x 2 clips, accumulation 2
-  torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint videomamba_s16_k400_f8_res224.pth --method rmeeto \
-      --num-prune 88 --data k400/train.csv --val-data k400/val.csv --data-root k400/videos --num-frames 8 \
-      --epochs 15 --batch-size 32 --num-sample 2 --accum-steps 2 --lr 4e-5 --min-lr 2e-6 --warmup-epochs 5 \
-      --weight-decay 0.1 --aa rand-m5-n2-mstd0.25-inc1 --repeated-aug 1 --no-distill --amp bf16 \
+  # (docs/video.md: the whole recipe and what differs from the official script)
+  torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint videomamba_s16_k400_f8_res224.pth --method rmeeto \\
+      --num-prune 88 --data k400/train.csv --val-data k400/val.csv --data-root k400/videos --num-frames 8 \\
+      --epochs 15 --batch-size 32 --num-sample 2 --accum-steps 2 --lr 4e-5 --min-lr 2e-6 --warmup-epochs 5 \\
+      --weight-decay 0.1 --aa rand-m5-n2-mstd0.25-inc1 --repeated-aug 1 --no-distill --amp bf16 \\
       --output runs/k400_s_r88
-      (docs/video.md: the whole recipe and what differs from the official script)
   # the built-in digits set on CPU, a few minutes
   vimtr retrain --model vim_digits --method rmeeto --r 8 --data digits --epochs 3 --batch-size 64 \\
       --lr 1e-3 --output runs/digits_r8

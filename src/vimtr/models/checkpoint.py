@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -37,12 +36,14 @@ import torch
 import torch.nn as nn
 
 from vimtr.models.adapt_weights import inflate_image_weights, resample_pos_embed
-from vimtr.models.pickle_scan import qualname, unsafe_globals
+from vimtr.models.hub import HF_DEFAULT_FILES, hub_download, is_hub_id
 from vimtr.models.registry import canonical_name, create_model, list_models, model_config
+from vimtr.models.safe_pickle import SAFE_GLOBALS, torch_load_weights  # noqa: F401 (SAFE_GLOBALS re-exported)
 from vimtr.models.videomamba import VideoMamba
 from vimtr.models.vim import VisionMamba
 
-__all__ = ["CheckpointError", "CheckpointWarning", "build_from_checkpoint", "assets_dir", "HF_DEFAULT_FILES"]
+__all__ = ["CheckpointError", "CheckpointWarning", "build_from_checkpoint", "assets_dir", "HF_DEFAULT_FILES",
+           "is_hub_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +56,6 @@ class CheckpointWarning(UserWarning):
     """Something about a loaded checkpoint was assumed or dropped (also in ``model.checkpoint_info``)."""
 
 
-# The only global outside torch's weights_only defaults that official Vim/VideoMamba files contain
-# (HF's pickle scan of vim_t_midclstok_76p1acc.pth: OrderedDict, argparse.Namespace, FloatStorage).
-SAFE_GLOBALS = (argparse.Namespace,)
-
-# Default file per known HF repo (vim.md §3c).
-HF_DEFAULT_FILES = {
-    "hustvl/Vim-tiny-midclstok": "vim_t_midclstok_76p1acc.pth",
-    "hustvl/Vim-small-midclstok": "vim_s_midclstok_80p5acc.pth",
-    "hustvl/Vim-base-midclstok": "vim_b_midclstok_81p9acc.pth",
-    "OpenGVLab/VideoMamba": "videomamba_t16_in1k_res224.pth",
-}
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[^:]+)?$")
-_CKPT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
 _MAX_LISTED = 5  # offending keys shown in an error message
 
 
@@ -127,9 +115,9 @@ def _read(checkpoint) -> _Source:
     bundled = _read_bundled(text)
     if bundled is not None:
         return bundled
-    if _HF_ID.match(text) and not text.split(":")[0].lower().endswith(_CKPT_SUFFIXES):
+    if is_hub_id(text):
         repo, _, filename = text.partition(":")
-        local, filename = _hub_download(repo, filename or None, text)
+        local, filename = hub_download(repo, filename or None, text, CheckpointError)
         return _read_file(Path(local), label=f"{repo}:{filename}", hint=filename)
     raise CheckpointError(f"{text}: no such file. load_model takes a checkpoint file, a Hugging Face repo id "
                           f"such as 'hustvl/Vim-tiny-midclstok' (optionally 'repo:filename'), a bundled model "
@@ -144,7 +132,7 @@ def _read_file(path: Path, label: str, hint: str) -> _Source:
         except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
             raise CheckpointError(f"{label}: not a readable safetensors file ({_first_line(e)})") from None
         return _Source(label, obj, hint, "safetensors")
-    obj = _torch_load(path, label)
+    obj = torch_load_weights(path, label, CheckpointError)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{label}: holds a {type(obj).__name__}, not a checkpoint dict or state dict")
     return _Source(label, obj, hint, _format(obj))
@@ -152,26 +140,6 @@ def _read_file(path: Path, label: str, hint: str) -> _Source:
 
 def _format(obj: Mapping) -> str:
     return "vimtr" if "vimtr" in obj else "official" if isinstance(obj.get("model"), Mapping) else "state dict"
-
-
-def _torch_load(path: Path, label: str):
-    """torch.load with weights_only=True: nothing in the file is imported or called unless allow-listed."""
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise before our own error
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = unsafe_globals(path, e, SAFE_GLOBALS)
-        if unsafe:
-            raise CheckpointError(
-                f"{label}: refused to load: unpickling it would import/call {', '.join(unsafe)}, which a weights "
-                f"checkpoint never needs (allowed: tensors, plain containers and "
-                f"{', '.join(qualname(g) for g in SAFE_GLOBALS)}). Nothing from the file was run. If you trust "
-                f"the file, extract its state dict yourself and pass that to load_model") from None
-        raise CheckpointError(f"{label}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
-    except Exception as e:  # EOFError (empty), RuntimeError (truncated zip), KeyError/ValueError (not a pickle)
-        what = "an empty file" if isinstance(e, EOFError) else "truncated, corrupt or another kind of file"
-        raise CheckpointError(f"{label}: not a readable PyTorch checkpoint: {what} ({_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -208,29 +176,10 @@ def _read_bundled(name: str) -> _Source | None:
         raise CheckpointError(f"{label}: its card {name}.json needs a 'model' key naming a registered model")
     # A bundled model is described exactly like a vimtr-written checkpoint, so one code path serves both.
     record = {"model_name": card["model"], "config": card.get("config") or {}, "reduction": card.get("reduction")}
+    dataset = card.get("dataset")
+    if isinstance(dataset, Mapping) and isinstance(dataset.get("normalisation"), Mapping):
+        record["normalisation"] = dict(dataset["normalisation"])  # eval_transform normalises with it
     return _Source(label, {"model": state, "vimtr": record}, name, "bundled")
-
-
-def _hub_download(repo: str, filename: str | None, text: str) -> tuple[str, str]:
-    """(local path, file name) of a file in a Hugging Face repo; offline, say exactly what to fetch."""
-    if filename is None:
-        if repo not in HF_DEFAULT_FILES:
-            raise CheckpointError(f"{text}: no such local file; as a Hugging Face repo id it needs a file name: "
-                                  f"'{repo}:<file>.pth' (known repos: {', '.join(HF_DEFAULT_FILES)})")
-        filename = HF_DEFAULT_FILES[repo]
-    url = f"https://huggingface.co/{repo}/resolve/main/{filename}"
-    how = (f"Download {url} (browser, wget, or `huggingface-cli download {repo} {filename}`), save it anywhere "
-           f"and pass its path: vimtr.load_model('/path/to/{filename}')")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise CheckpointError(f"{repo}:{filename}: cannot download, huggingface_hub is not installed "
-                              f"(pip install 'vimtr[hub]'). {how}") from None
-    try:
-        return huggingface_hub.hf_hub_download(repo_id=repo, filename=filename), filename
-    except Exception as e:  # offline, no such repo/file, HTTP errors: all end the same way for the user
-        raise CheckpointError(f"{repo}:{filename}: download failed ({_first_line(e)}); "
-                              f"offline? {how}") from None
 
 
 # ============================================================================ picking the weights
@@ -317,19 +266,32 @@ def _declared_layout(obj: Mapping) -> str | None:
     return "first" if "videomamba" in lowered else "middle" if "vim" in lowered else None
 
 
+def _named_layout(file_name: str) -> str | None:
+    """The layout the official file names state: ``videomamba_*`` (first), ``vim_*`` / ``*midclstok*`` (middle)."""
+    name = file_name.lower()
+    if "videomamba" in name:
+        return "first"
+    if "midclstok" in name or "middle_cls" in name or re.match(r"vim[_-]", name):
+        return "middle"
+    return None
+
+
 def _layout(src: _Source, notices: _Notices | None) -> str:
-    """Vim (middle class token) or VideoMamba image (first): their state dicts have identical keys."""
+    """Vim (middle class token) or VideoMamba image (first): their state dicts have identical keys. The
+    checkpoint's ``args.model`` decides, else its file name (recorded as a notice), else Vim with a warning."""
     declared = _declared_layout(src.obj)
     if declared is not None:
         return declared
-    if "videomamba" in src.hint.lower():
+    named = _named_layout(src.hint)
+    if named is not None:
         if notices is not None:
-            notices.warn(f"class token placed first (VideoMamba) because the file name {src.hint!r} says "
-                         f"'videomamba'; pass name= to choose")
-        return "first"
+            notices.note(f"class token placed {named} ({'VideoMamba' if named == 'first' else 'Vim'}) as the file "
+                         f"name {src.hint!r} says; pass name= to choose")
+        return named
     if notices is not None:
-        notices.warn("the checkpoint does not say whether it is Vim or VideoMamba (no args.model); assuming Vim "
-                     "(class token in the middle). For VideoMamba image weights pass name='videomamba_...'")
+        notices.warn("the checkpoint does not say whether it is Vim or VideoMamba (no args.model, and its file name "
+                     "does not say); assuming Vim (class token in the middle). For VideoMamba image weights pass "
+                     "name='videomamba_...'")
     return "middle"
 
 
@@ -557,6 +519,7 @@ def build_from_checkpoint(checkpoint, name: str | None = None, use_ema: bool = F
     model.checkpoint_info = {"file": src.label, "format": src.fmt, "name": arch,
                              "inferred": name is None and record is None, "overrides": dict(cfg),
                              "description": what, "ema": use_ema,
-                             "reduction": record.get("reduction") if record else None, "notices": notices.items}
+                             "reduction": record.get("reduction") if record else None, "notices": notices.items,
+                             "normalisation": record.get("normalisation") if record else None}
     logger.info("loaded %s (%s%s) as %s", src.label, src.fmt, ", EMA" if use_ema else "", what)
     return model

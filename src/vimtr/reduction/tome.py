@@ -90,7 +90,7 @@ class ToMe(TokenReducer):
 
     def _plan_cls_in_matching(self, state, r) -> Plan:
         """ToMe's matching over the whole sequence, the class token protected where it stands."""
-        c, L = state.cls_index, state.length
+        c = state.cls_index
         with torch.no_grad():
             m = normalise_rows(state.hidden.float())
             a, b = m[:, 0::2], m[:, 1::2]

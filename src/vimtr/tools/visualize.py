@@ -166,21 +166,28 @@ def _load_input(spec: str, model):
         raise FileNotFoundError(f"image {spec!r} not found (give a file path or digits:N)")
     from PIL import Image
     from vimtr.data import eval_transform
-    img = Image.open(path).convert("RGB")
-    t = eval_transform(model)
-    x = t(img).unsqueeze(0)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    return x, (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    t = eval_transform(model)  # converts any image mode to the model's channels
+    with Image.open(path) as img:
+        x = t(img).unsqueeze(0)
+    mean, std = (torch.tensor(v)[:, None, None] for v in (t.mean, t.std))
+    shown = (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    return x, shown[..., 0] if shown.shape[-1] == 1 else shown
 
 
 def run(args):
+    from vimtr import checks
+    from vimtr.errors import UsageError
     from vimtr.tools.benchmark import load_for_cli
 
     if not args.model and not args.checkpoint and args.image.startswith("digits:"):
         args.model = "vim_digits"
     model = load_for_cli(args)
+    if args.block >= len(model.layers) - 1:
+        raise UsageError(f"--block {args.block}: the importance map reads the Δ of a block that has a next one; "
+                         f"{getattr(model, 'model_name', 'this model')} has blocks 0 to {len(model.layers) - 1}, so "
+                         f"--block takes 0 to {len(model.layers) - 2}")
     methods = {m: (m, {"flops_reduction": args.flops_reduction}) for m in args.method}
+    checks.check_reductions(model, list(methods.values()), "visualize", more_blocks=None)
     title = f"{getattr(model, 'model_name', '')} — {args.flops_reduction:.0%} fewer FLOPs"
     if hasattr(model, "temporal_pos_embedding"):  # a video model: per-frame maps of one clip
         from vimtr.tools.visualize_video import clip_figure, load_clip

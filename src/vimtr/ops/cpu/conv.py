@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import njit
 
 from vimtr.ops.cpu.rows import load_row, store_row

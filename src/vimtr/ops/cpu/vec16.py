@@ -121,7 +121,6 @@ def vsum16(typingctx, ary, i):
         vt = Vec16(ary.dtype)
 
         def codegen(context, builder, sig, args):
-            vty = context.get_value_type(vt)
             align = context.get_abi_sizeof(context.get_value_type(ary.dtype))
             vs = []
             for k in range(16):
