@@ -120,13 +120,14 @@ class BiMamba(nn.Module):
         proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         proj.bias._no_reinit = True  # the model's init zeroes every other Linear bias
 
-    def forward(self, hidden: torch.Tensor, want_aux=False):
+    def forward(self, hidden: torch.Tensor, want_aux=False, decay_steps=None):
         """hidden (B, L, D) -> (out (B, L, D), aux or None).
 
         ``want_aux``: False, True (every key) or a collection of the keys wanted
         (:data:`vimtr.models.token_state.AUX_KEYS`). ``aux`` then holds, in token order: ``delta_f``/``delta_b``
         (B, E, L) the softplus'd timescales the two scans used, ``B_f``/``B_b``/``C_f``/``C_b`` (B, L, N),
         and ``delta_sum`` (B, L) = Σ over channels of delta_f + delta_b with ``delta_channels`` = E.
+        ``decay_steps``: (steps_f, steps_b), the scans span gaps (:func:`vimtr.ops.selective_scan_gapped`).
         """
         keys = AUX_KEYS if want_aux is True else frozenset(want_aux or ())
         delta_sum = None
@@ -138,7 +139,8 @@ class BiMamba(nn.Module):
                              self.dt_proj.bias, -torch.exp(self.A_log.float()), self.D,
                              self.conv1d_b.weight, self.conv1d_b.bias, self.x_proj_b.weight, self.dt_proj_b.weight,
                              self.dt_proj_b.bias, -torch.exp(self.A_b_log.float()), self.D_b,
-                             divide_out=self.divide_out, delta_sum_out=delta_sum, return_aux=return_aux)
+                             divide_out=self.divide_out, delta_sum_out=delta_sum, return_aux=return_aux,
+                             decay_steps=decay_steps)
         y, aux = y if return_aux else (y, {})
         out = self.out_proj(y)
         if not keys:
@@ -157,14 +159,15 @@ class Block(nn.Module):
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, hidden, residual=None, want_aux=False, row_map=None):
+    def forward(self, hidden, residual=None, want_aux=False, row_map=None, decay_steps=None):
         """(mixer output, residual stream, aux). ``row_map`` (a :class:`vimtr.ops.RowMap`): shorten hidden
-        and residual (both as the previous block left them) on the way into the add + RMSNorm."""
+        and residual (both as the previous block left them) on the way into the add + RMSNorm.
+        ``decay_steps``: the mixer's scans span gaps in the sequence (see :meth:`BiMamba.forward`)."""
         if residual is not None and self.drop_path.training and not isinstance(self.drop_path, nn.Identity):
             # Stochastic depth drops the branch before the add: the streams must be shortened first.
             if row_map is not None:
                 hidden, residual, row_map = row_map.apply(hidden), row_map.apply(residual), None
             hidden = self.drop_path(hidden)
         residual, normed = add_rms_norm_fn(hidden, residual, self.norm.weight, self.norm.eps, row_map=row_map)
-        out, aux = self.mixer(normed, want_aux=want_aux)
+        out, aux = self.mixer(normed, want_aux=want_aux, decay_steps=decay_steps)
         return out, residual, aux

@@ -33,6 +33,20 @@ class TokenState:
     # reduced already. Saves a read and a write of both streams per reduction step.
     fuse_merge: bool = False
     pending: object | None = None
+    # (B, L) float: where each token sat in the original sequence, kept by a reducer that wants the blocks'
+    # scans to span the gaps removed tokens left (ToP-ViM's hidden-state alignment); None: no gaps.
+    positions: torch.Tensor | None = None
+
+    def decay_steps(self):
+        """(steps_f, steps_b), each (B, L): how many original positions the forward scan's update into token
+        t spans (positions[t] − positions[t−1]) and the backward scan's (positions[t+1] − positions[t]);
+        at least 1 (a class token re-inserted between kept tokens makes its own neighbour step 1). None
+        without ``positions``."""
+        if self.positions is None:
+            return None
+        gaps = (self.positions[:, 1:] - self.positions[:, :-1]).clamp(min=1)
+        one = gaps.new_ones(gaps.shape[0], 1)
+        return torch.cat((one, gaps), dim=1), torch.cat((gaps, one), dim=1)
 
     @property
     def length(self) -> int:

@@ -145,7 +145,7 @@ class VisionMamba(nn.Module):
             if reducer is not None:
                 state = reducer(i, state)
             state.hidden, state.residual, aux = layer(state.hidden, state.residual, want_aux=state.requests,
-                                                      row_map=state.pending)
+                                                      row_map=state.pending, decay_steps=state.decay_steps())
             state.aux, state.pending, state.requests = aux or {}, None, frozenset()
         residual = state.residual + self.drop_path(state.hidden).float()
         state.hidden = self.norm_f(residual, out_dtype=state.hidden.dtype)

@@ -7,6 +7,7 @@ numba; :mod:`vimtr.ops.triton` where present), and one ``*_fn`` that picks among
     causal_conv1d_fn / _ref      causal depthwise conv1d + SiLU
     add_rms_norm_fn / _ref       residual add + RMSNorm, optionally through a :class:`RowMap`
     bimamba_inner_fn / _ref      Vim's bidirectional mixer up to out_proj
+    selective_scan_gapped        the scan over a sequence with gaps (``decay_steps``), on any backend
 
 What a fast path can give its caller beyond the op's output is a generic, documented argument:
 ``delta_sum_out`` (Σ over channels of the Δ a scan used, per token) and ``row_map`` (which input rows to
@@ -28,10 +29,12 @@ from vimtr.ops.reference import (
     bimamba_inner_ref,
     causal_conv1d_bidir_ref,
     causal_conv1d_ref,
+    selective_scan_gapped,
     selective_scan_ref,
 )
 from vimtr.ops.row_map import RowMap
 
 __all__ = ["BACKENDS", "RowMap", "add_rms_norm_fn", "add_rms_norm_ref", "bimamba_inner_fn", "bimamba_inner_ref",
            "causal_conv1d_bidir_ref", "causal_conv1d_fn", "causal_conv1d_ref", "get_scan_backend", "resolve_scan",
-           "scan_backend", "selective_scan_fn", "selective_scan_ref", "set_scan_backend"]
+           "scan_backend", "selective_scan_fn", "selective_scan_gapped", "selective_scan_ref",
+           "set_scan_backend"]

@@ -230,14 +230,19 @@ def add_rms_norm_fn(hidden, residual, weight, eps: float, row_map=None):
 
 def bimamba_inner_fn(hidden, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                      dt_proj_bias, A, D, conv_b_weight, conv_b_bias, x_proj_b_weight, dt_proj_b_weight,
-                     dt_proj_b_bias, A_b, D_b, divide_out=False, delta_sum_out=None, return_aux=False):
+                     dt_proj_b_bias, A_b, D_b, divide_out=False, delta_sum_out=None, return_aux=False,
+                     decay_steps=None):
     """Vim's bidirectional Mamba mixer up to ``out_proj`` (see :func:`vimtr.ops.reference.bimamba_inner_ref`
-    for the arguments): y (B, L, E), or (y, aux) with ``return_aux``."""
+    for the arguments): y (B, L, E), or (y, aux) with ``return_aux``. With ``decay_steps`` (scans spanning
+    gaps) the reference composition runs, its scans on the chosen backend's kernel."""
     args = (hidden, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
             dt_proj_bias, A, D, conv_b_weight, conv_b_bias, x_proj_b_weight, dt_proj_b_weight, dt_proj_b_bias,
             A_b, D_b)
     fits = _float32_cpu(*args) and hidden.dim() == 3
     triton_fits = all(t is None or t.dtype in _TRITON_DTYPES for t in args)
+    if decay_steps is not None:
+        return reference.bimamba_inner_ref(*args, divide_out=divide_out, delta_sum_out=delta_sum_out,
+                                           return_aux=return_aux, decay_steps=decay_steps)
     return _implementation("bimamba_inner", hidden.device, fits, triton_fits)(*args, divide_out=divide_out,
                                                                  delta_sum_out=delta_sum_out,
                                                                  return_aux=return_aux)

@@ -98,6 +98,36 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return F.silu(out) if activation else out
 
 
+def selective_scan_gapped(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          decay_steps=None, reverse=False, delta_sum_out=None):
+    """The selective scan over a sequence with gaps: token t's state update spans ``decay_steps[t]``
+    positions of the original sequence, h_t = exp(steps_t·Δ_t·A) ⊙ h_{t−1} + Δ_t·B_t·u_t (y, D, z as in
+    :func:`selective_scan_ref`). ``decay_steps`` (B, L) ≥ 1, in token order; for ``reverse`` it is the span
+    from token t+1 back to t. All ones is the plain scan.
+
+    This is what keeps a pruned sequence's states aligned with the original one (ToP-ViM's pruning-aware
+    hidden-state alignment): the decay a kept token sees covers the positions the pruned ones held. It is
+    a composition of :func:`vimtr.ops.selective_scan_fn` (so every backend's kernel serves it): scanning
+    (u/g, g·Δ) has decay exp(g·Δ·A) and input g·Δ·B·u/g = Δ·B·u; D and the gate are applied after.
+    """
+    from vimtr.ops.dispatch import selective_scan_fn  # (the dispatch imports this module)
+
+    if decay_steps is None:
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse,
+                                 delta_sum_out=delta_sum_out)
+    if decay_steps.shape != (u.shape[0], u.shape[-1]):
+        raise ValueError(f"selective_scan_gapped: decay_steps must be (batch, length) = "
+                         f"{(u.shape[0], u.shape[-1])}, got {tuple(decay_steps.shape)}")
+    d = delta_used(delta, delta_bias, delta_softplus, dtype=torch.promote_types(u.dtype, torch.float32))
+    add_delta_sum(delta_sum_out, d)
+    g = decay_steps.to(d.dtype).unsqueeze(1)  # (B, 1, L)
+    y = selective_scan_fn(u / g, d * g, A, B, C, None, None, None, False, reverse=reverse)
+    out = y.to(d.dtype) if D is None else y.to(d.dtype) + u.to(d.dtype) * D.to(d.dtype)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(d.dtype))
+    return out.to(u.dtype)
+
+
 def conv_weights(w, E):
     """A depthwise conv weight as (E, K), from (E, 1, K) (``nn.Conv1d``'s layout) or (E, K)."""
     if w.dim() == 3 and w.shape[:2] == (E, 1):
@@ -137,7 +167,7 @@ def add_rms_norm_ref(hidden, residual, weight, eps: float, row_map=None):
 def bimamba_inner_ref(hidden, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight,
                       dt_proj_weight, dt_proj_bias, A, D, conv_b_weight, conv_b_bias, x_proj_b_weight,
                       dt_proj_b_weight, dt_proj_b_bias, A_b, D_b, divide_out=False, delta_sum_out=None,
-                      return_aux=False):
+                      return_aux=False, decay_steps=None):
     """Vim's bidirectional ("v2") Mamba mixer up to ``out_proj``, the official computation: in_proj, then
     per direction (the backward one on the flipped sequence) conv + SiLU, x_proj, dt_proj, the selective
     scan gated by z; the backward output flipped back and added, halved with ``divide_out``.
@@ -146,6 +176,8 @@ def bimamba_inner_ref(hidden, in_proj_weight, in_proj_bias, conv_weight, conv_bi
     rates (-exp(A_log)). ``delta_sum_out`` (B, L) float32: Σ over channels of both directions' Δ is added
     to it, in token order. ``return_aux``: return ``(y, aux)`` with, in token order, ``delta_f``/
     ``delta_b`` (B, E, L) the Δ each scan used and ``B_f``/``B_b``/``C_f``/``C_b`` (B, L, N).
+    ``decay_steps``: ``(steps_f, steps_b)``, each (B, L) in token order: the scans span gaps in the
+    sequence (:func:`selective_scan_gapped`; steps_b[t] is the span from token t+1 back to t).
 
     Its convs and scans go through the dispatch (:func:`vimtr.ops.causal_conv1d_fn`,
     :func:`vimtr.ops.selective_scan_fn`), as mamba_ssm's ``mamba_inner_ref`` does: on a GPU the scan is
@@ -153,10 +185,11 @@ def bimamba_inner_ref(hidden, in_proj_weight, in_proj_bias, conv_weight, conv_bi
     """
     xz = F.linear(hidden, in_proj_weight, in_proj_bias).transpose(1, 2)  # (B, 2E, L)
     x, z = xz.chunk(2, dim=1)
+    steps_f, steps_b = (None, None) if decay_steps is None else (decay_steps[0], decay_steps[1].flip(-1))
     y_f, aux_f = _direction(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
-                            return_aux, delta_sum_out, False)
+                            return_aux, delta_sum_out, False, steps_f)
     y_b, aux_b = _direction(x.flip(-1), z.flip(-1), conv_b_weight, conv_b_bias, x_proj_b_weight, dt_proj_b_weight,
-                            dt_proj_b_bias, A_b, D_b, return_aux, delta_sum_out, True)
+                            dt_proj_b_bias, A_b, D_b, return_aux, delta_sum_out, True, steps_b)
     y = y_f + y_b.flip(-1)
     if divide_out:
         y = y / 2
@@ -168,9 +201,12 @@ def bimamba_inner_ref(hidden, in_proj_weight, in_proj_bias, conv_weight, conv_bi
 
 
 def _direction(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, want_delta,
-               delta_sum_out, flipped):
-    """One scan direction on (B, E, L) inputs already in that direction's order."""
-    from vimtr.ops.dispatch import causal_conv1d_fn, selective_scan_fn  # (the dispatch imports this module)
+               delta_sum_out, flipped, steps=None):
+    """One scan direction on (B, E, L) inputs already in that direction's order (``steps`` too)."""
+    from vimtr.ops.dispatch import causal_conv1d_fn  # (the dispatch imports this module)
+
+    def scan(*args, **kwargs):  # the dispatched scan, spanning gaps when steps are given
+        return selective_scan_gapped(*args, decay_steps=steps, **kwargs)
 
     R = dt_proj_weight.shape[1]
     N = A.shape[1]
@@ -185,11 +221,10 @@ def _direction(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_p
     if want_delta:
         # The timescale Δ the scan uses, computed here once so that the caller gets it without a second pass.
         delta = F.softplus(delta.float() + dt_proj_bias.float()[:, None])
-        y = selective_scan_fn(c, delta, A, Bs, Cs, D.float(), z=z, delta_bias=None, delta_softplus=False,
-                              delta_sum_out=sums)
+        y = scan(c, delta, A, Bs, Cs, D.float(), z=z, delta_bias=None, delta_softplus=False, delta_sum_out=sums)
     else:
-        y = selective_scan_fn(c, delta, A, Bs, Cs, D.float(), z=z, delta_bias=dt_proj_bias.float(),
-                              delta_softplus=True, delta_sum_out=sums)
+        y = scan(c, delta, A, Bs, Cs, D.float(), z=z, delta_bias=dt_proj_bias.float(), delta_softplus=True,
+                 delta_sum_out=sums)
     if flipped and sums is not None:
         delta_sum_out += sums.flip(-1)
     return y, ({"delta": delta, "B": Bm, "C": Cm} if want_delta else None)

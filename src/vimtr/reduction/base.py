@@ -26,6 +26,7 @@ class TokenReducer:
     name = ""
     PARAMS: dict = {}
     needs_aux = False
+    aligns_scan = False  # True: track original positions so that later scans span the gaps (ToP-ViM's HSA)
     weighted = True  # size-weighted means (False: plain means)
 
     def __init__(self, model, *, r=None, interval=2, odd=False, flops_reduction=None, trace_source=False,
@@ -132,6 +133,8 @@ class TokenReducer:
             state.sizes = torch.ones(B, L, 1, device=state.hidden.device, dtype=torch.float32)
             if self.trace_source:
                 state.source = self._initial_source(state)
+            if self.aligns_scan:  # the blocks' scans then span the gaps removed tokens leave (TokenState)
+                state.positions = torch.arange(L, device=state.hidden.device, dtype=torch.float32).expand(B, L)
             self._tokens, self._cls = [], []
         r = self.applied[block]
         if r > 0:

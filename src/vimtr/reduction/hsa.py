@@ -18,11 +18,16 @@ mixer's output, the point where the released code prunes):
 3. the class token is kept and re-inserted at floor(pos·(L−r)/L) (R-MeeTo's rule, as MTR; for Vim's middle
    class token this is the middle of the survivors, where the released code puts it).
 
-**The alignment itself is not here.** It lives inside the selective scan (a kernel reading a position map),
-which a reducer between blocks cannot reach, and the released code does not contain it either: its active
-path gathers the kept tokens and runs the stock scan on the condensed sequence, exactly what vimtr does. So
-``hsa`` is ToP-ViM's pruning as released, i.e. the paper's "w/o alignment" setting (its Table 5), with the
-paper's importance; what the scan would need for the alignment is described in ``docs/methods.md``.
+**The alignment** (``align=True``, default): after a step, every later block's scans span the gaps the pruned
+tokens left: a kept token's state update decays over all the original positions since the previous kept one,
+h_t = exp(g_t·Δ_t·A) h_{t−1} + Δ_t·B_t·u_t with g_t the gap (:func:`vimtr.ops.selective_scan_gapped`; the
+backward scan likewise with the gap to the next kept token), so a kept token's hidden state decays as it
+did among its original neighbours. The paper's method section could not be read; this is the reading of
+"pruned positions keep their gap in the scan through a position map" that its summary and reviews support
+(the digest ``landscape.md``), with each pruned position's Δ taken as the kept token's own (a pruned token
+has no Δ once it is gone). The released code does not contain the alignment kernel: its active path runs
+the stock scan on the condensed sequence, ``align=False`` (the paper's "w/o alignment", its Table 5).
+The aligned scans run as a composition of the backend's scan kernel (u/g and g·Δ), not a fused kernel.
 
 Where the released code differs from the paper, vimtr follows the paper and offers the code's behaviour:
 - ``score``: ``"clip"`` (default, the paper's Eq. 9 reading); ``"raw"``: unclipped values, the released code's
@@ -75,7 +80,7 @@ def released_schedule(depth: int, num_tokens: int, keep_ratio: float = 0.8, star
 
 class HSA(TokenReducer):
     name = "hsa"
-    PARAMS = {"score": "clip", "mirror": False, "cls_position": "proportional"}
+    PARAMS = {"score": "clip", "mirror": False, "cls_position": "proportional", "align": True}
 
     def check_params(self):
         p = self.params
@@ -86,6 +91,10 @@ class HSA(TokenReducer):
             raise ValueError(f"hsa: mirror must be True or False, got {p['mirror']!r}")
         if p["cls_position"] not in ("proportional", "middle"):
             raise ValueError(f"hsa: cls_position must be 'proportional' or 'middle', got {p['cls_position']!r}")
+        if not isinstance(p["align"], bool):
+            raise ValueError(f"hsa: align must be True (the paper's hidden-state alignment) or False (the released "
+                             f"code), got {p['align']!r}")
+        self.aligns_scan = p["align"]
 
     def score(self, state) -> torch.Tensor:
         """Importance of every token (B, L), class token included; higher = kept."""

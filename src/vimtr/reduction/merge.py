@@ -189,8 +189,12 @@ def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> Toke
             rfp = _FlatPlan.of(plan.residual, ci, B, L, state.hidden.device) if plan.residual else fp
             residual = _apply(state.residual, rfp, weight, True)
     source = None if state.source is None else _apply(state.source, fp, None, False)
+    positions = None  # a surviving token keeps its original position (a merged one: its destination's)
+    if state.positions is not None:
+        positions = _rows(state.positions.reshape(B * L, 1), fp.keep).view(B, fp.T)
     return TokenState(hidden=hidden, residual=residual, cls_index=plan.cls_pos if ci is not None else None,
-                      sizes=sizes, source=source, aux={}, fuse_merge=state.fuse_merge, pending=pending)
+                      sizes=sizes, source=source, aux={}, fuse_merge=state.fuse_merge, pending=pending,
+                      positions=positions)
 
 
 def proportional_cls_pos(cls_index: int | None, length: int, r: int) -> int | None:
