@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils.data import Subset
 
 import vimtr
@@ -133,7 +134,6 @@ def test_list_names_every_table(capsys):
     out = capsys.readouterr().out
     for name in tables.available():
         assert name in out
-    assert reproduce.VIDEO_UNSUPPORTED in out  # the K400 table is listed, and says why it cannot run yet
 
 
 EXTRA_ROW = '\n[[rows]]\nid = "extra"\nbackbone = "digits"\nmethod = "{method}"\nparams = {{ {params} }}\n'
@@ -190,18 +190,31 @@ def test_missing_checkpoints_are_named_before_any_row_runs(tmp_path, monkeypatch
     assert "no row was run" in msg and counter.calls == [] and not out.exists()
 
 
-def test_video_table_refuses_cleanly_before_running(tmp_path, monkeypatch):
+def test_video_table_runs_on_clips_with_the_published_views(tmp_path, video_set, capsys):
+    """The K400 table's Ti rows on real clips: a small VideoMamba saved under the official file name, the
+    generated Kinetics-layout folder; the baseline and R-MeeTo rows run (4x3 views), the others are not
+    asked for; a video table without --data is refused before any row runs."""
+    import vimtr
+    from vimtr.tools.reproduce import VIDEO_TEST_VIEWS
+
     ck = tmp_path / "ckpt"
     ck.mkdir()
-    table = tables.load_table("rmeeto-k400")
-    for b in table.backbones.values():
-        (ck / b.checkpoint).write_bytes(b"")
-    counter = Counter()
-    monkeypatch.setattr(reproduce, "evaluate_row", counter)
-    with pytest.raises(SystemExit, match=reproduce.VIDEO_UNSUPPORTED):
-        cli_main(["reproduce", "rmeeto-k400", "--checkpoints", str(ck), "--data", str(tmp_path),
-                  "--out", str(tmp_path / "out")])
-    assert counter.calls == []
+    torch.manual_seed(0)
+    model = vimtr.create_model("videomamba_video_tiny", depth=4, img_size=64, num_frames=8)  # Ti width, small
+    torch.save(model.state_dict(), ck / "videomamba_t16_k400_f8_res224.pth")  # the official flat layout
+    with pytest.raises(SystemExit, match="give --data"):
+        cli_main(["reproduce", "rmeeto-k400", "--checkpoints", str(ck), "--out", str(tmp_path / "out")])
+    out = tmp_path / "out"
+    assert cli_main(["reproduce", "rmeeto-k400", "--checkpoints", str(ck), "--data", str(video_set["val"]),
+                     "--out", str(out), "--rows", "videomamba_t-baseline", "videomamba_t-rmeeto-r88",
+                     "--batch-size", "2"]) == 0
+    rows = {p.stem: json.loads(p.read_text()) for p in (out / "rmeeto-k400" / "rows").glob("*.json")}
+    assert set(rows) == {"videomamba_t-baseline", "videomamba_t-rmeeto-r88"}
+    assert VIDEO_TEST_VIEWS == "4x3"
+    base, merged = rows["videomamba_t-baseline"]["result"], rows["videomamba_t-rmeeto-r88"]["result"]
+    assert base["images"] == merged["images"] == 6 and base["protocol"]["test_views"] == "4x3"
+    assert base["gflops"] > merged["gflops"] > 0 and merged["tokens_per_block"][-1] < base["tokens_per_block"][-1]
+    assert "76.9" in capsys.readouterr().out  # the published baseline beside the measured one
 
 
 # --------------------------------------------------------------------------------------------- end to end
