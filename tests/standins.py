@@ -37,6 +37,10 @@ def image_folder(root, train: int = 8, val: int = 4) -> str:
     return str(root)
 
 
-def photo(path) -> str:
-    Image.fromarray((np.random.default_rng(1).random((120, 160, 3)) * 255).astype(np.uint8)).save(path)
+def photo(path, size=(120, 160)) -> str:
+    """A random RGB photo of ``size`` (height, width) at ``path`` (its folder made if missing)."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.random.default_rng(1).random((*size, 3)) * 255).astype(np.uint8)).save(path)
     return str(path)

@@ -11,6 +11,15 @@ GPU, several GPUs) run with these stand-ins, :data:`ON_YOUR_DATA`:
 - without CUDA, ``--device cuda`` -> cpu, and the GPU-only ``--amp`` / ``--preset rmeeto`` are dropped;
 - ``torchrun --nproc_per_node N`` -> 2 CPU processes (gloo); ``--epochs N`` and ``--retrain-epochs N``
   -> 1 and, for retrain, ``--batch-size N`` -> 4 (ImageNet's 15 epochs of 128 do not fit a test);
+- ``vimtr reproduce`` on a paper table (``--checkpoints ~/ckpt``) -> a folder holding a randomly initialised
+  Vim-S (the full architecture) under its release name, and only two of the table's rows (Vim-S unreduced
+  and one reduced row, no re-trained row, so ``--run-recipe`` has nothing to train) on 2 images
+  (``--limit 2``) of an ImageNet-layout val/ with 1000 class folders (the official heads' classes); the
+  whole tables are ImageNet-sized;
+- Kinetics (``k400/train.csv``, ``k400/val.csv``, ``--data-root k400/videos``, a ``videomamba_*_k400``
+  checkpoint) -> 3 classes of moving-digit mp4 clips written here (PyAV) with lists relative to the videos
+  folder, as VideoMamba's are, and a small VideoMamba video model (4 blocks, width 64, 64 px, 8 frames) in
+  the official flat format;
 - ``vimtr demo`` examples run with ``--quick`` added (the full run is ``make demo``, ~3 minutes), and an
   example that is another one's command line once the stand-ins are in (``vimtr demo`` and
   ``vimtr demo --quick --out /tmp/demo`` but for the output folder) runs once.
@@ -83,9 +92,53 @@ def workspace(tmp_path_factory):
             "data": standins.image_folder(root / "imagenet")}
 
 
+REPRODUCE_ROWS = {"mtr-main": ["vim_s-baseline", "vim_s-mtr-fr0.3"], "rmeeto-main": ["vim_s-baseline", "vim_s-rmeeto-r11"]}
+
+
+def reproduce_checkpoints(ws: dict) -> str:
+    """A folder with the Vim-S checkpoint the reproduce examples' rows need, under its release name (made once)."""
+    folder = ws["root"] / "ckpt"
+    if not folder.is_dir():
+        folder.mkdir()
+        torch.manual_seed(0)
+        import vimtr
+        torch.save({"model": vimtr.create_model("vim_small").state_dict()}, folder / "vim_s_midclstok_80p5acc.pth")
+    return str(folder)
+
+
+def reproduce_imagenet(ws: dict) -> str:
+    """val/ with 1000 class folders of one small photo each (made once)."""
+    root = ws["root"] / "imagenet1k"
+    if not root.is_dir():
+        for c in range(1000):
+            standins.photo((root / "val" / f"n{c:08d}").joinpath("0.JPEG"), size=(24, 32))
+    return str(root)
+
+
+def kinetics(ws: dict) -> str:
+    """``k400/{train,val}.csv`` (paths relative to ``k400/videos``) and a K400-format checkpoint (made once);
+    returns the checkpoint's path."""
+    root, ckpt = ws["root"] / "k400", ws["root"] / "k400" / "videomamba_k400_f8.pth"
+    if not ckpt.exists():
+        pytest.importorskip("av", reason="the video examples need PyAV: pip install 'vimtr[video]'")
+        import vimtr
+        from vimtr.data.synthetic_video import write_moving_digits
+
+        info = write_moving_digits(root, classes=3, per_class=6, val_per_class=2, frames=24, size=64)
+        for split in ("train", "val"):
+            lines = info[split].read_text().splitlines()
+            info[split].write_text("".join(line.removeprefix("videos/") + "\n" for line in lines))
+        torch.manual_seed(0)
+        model = vimtr.create_model("videomamba_video_tiny", depth=4, embed_dim=64, img_size=64, num_frames=8)
+        torch.save(model.state_dict(), ckpt)
+    return str(ckpt)
+
+
 def on_your_data(command: str, line: str, ws: dict) -> list[str]:
     """The example's argv with the stand-ins of ON_YOUR_DATA."""
     line = line.replace(" /tmp/", f" {ws['root']}/")  # first: the stand-ins' own paths may lie under /tmp
+    if re.search(r"videomamba_\w+_k400\S*\.pth", line):
+        line = re.sub(r"\S*videomamba_\w+_k400\S*\.pth", kinetics(ws), line)
     line = re.sub(r"\S*vim_[tsb]_midclstok\S*\.pth|\bvim_s\.pth|runs/vim_s_r11/best\.pt|hustvl/Vim-\w+-midclstok",
                   ws["ckpt"], line)
     line = re.sub(r"(?<![\w/])/(data/)?imagenet", ws["data"], line)
@@ -99,6 +152,13 @@ def on_your_data(command: str, line: str, ws: dict) -> list[str]:
     argv = shlex.split(line)
     if command == "demo" and "--quick" not in argv:
         argv.append("--quick")
+    if command == "reproduce" and "--checkpoints" in argv:
+        table = argv[argv.index("reproduce") + 1]
+        argv = [reproduce_checkpoints(ws) if a.startswith("~/ckpt") else a for a in argv]
+        argv[argv.index("--data") + 1] = reproduce_imagenet(ws)
+        if "--rows" in argv:
+            del argv[argv.index("--rows"):argv.index("--rows") + 2]
+        argv += ["--rows", *REPRODUCE_ROWS[table], "--limit", "2"]
     return argv
 
 

@@ -174,15 +174,16 @@ def model_source(args, weights_needed: bool = True, has_default: bool = False):
 
 
 def data_source(spec, flag: str = "--data"):
-    """``digits`` or an existing folder (an ImageFolder is only scanned when the data is loaded)."""
+    """``digits``, an existing folder or an existing file (a video annotation list). Folders and lists are only
+    read when the data is loaded, once the model says whether they must hold images or clips."""
     from vimtr.data.folders import DIGITS, LAYOUT_HINT
+    from vimtr.data.video import VIDEO_LAYOUT_HINT
 
     if spec is None or str(spec) == DIGITS:
         return
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise UsageError(f"{flag} {spec}: {what}; expected {LAYOUT_HINT}")
+    if not Path(spec).expanduser().exists():
+        raise UsageError(f"{flag} {spec}: does not exist; expected {LAYOUT_HINT}; for a video model, "
+                         f"{VIDEO_LAYOUT_HINT}")
 
 
 def image_file(spec: str, flag: str):
