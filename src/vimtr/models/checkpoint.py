@@ -471,18 +471,9 @@ def _record_overrides(record: dict, src: _Source) -> tuple[str, dict]:
 
 # ============================================================================ the entry point
 def build_from_checkpoint(checkpoint, name: str | None = None, use_ema: bool = False, **overrides) -> nn.Module:
-    """A vimtr model (eval mode) with a checkpoint's weights; ``vimtr.load_model`` also re-applies the token
-    reduction a vimtr-written checkpoint records (``checkpoint_info['reduction']``), one layer above.
-
-    ``checkpoint``: a file (official ``.pth``, flat or ``module.``-prefixed state dict, ``.safetensors``,
-    a vimtr-written file), a state dict, a Hugging Face repo id (``'hustvl/Vim-tiny-midclstok'`` or
-    ``'repo:filename'``) or a bundled model name. ``name``: the registered model (or alias) to build;
-    ``None`` infers it from the tensor shapes. ``use_ema``: take the ``model_ema`` weights.
-    ``overrides``: passed to :func:`vimtr.create_model`; an ``img_size`` other than the checkpoint's
-    resamples the position embedding.
-
-    The model gets ``model.model_name`` and ``model.checkpoint_info`` (file, name, overrides, notices).
-    Any failure raises :class:`CheckpointError`.
+    """A vimtr model (eval mode) with a checkpoint's weights: :func:`vimtr.load_model`'s arguments and result
+    (see there), without re-applying the token reduction a vimtr-written checkpoint records, which stays in
+    ``checkpoint_info['reduction']`` for the layer above (:mod:`vimtr.loading`). Failures: :class:`CheckpointError`.
     """
     src = _read(checkpoint)
     notices = _Notices()
