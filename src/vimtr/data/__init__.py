@@ -3,14 +3,15 @@
 - :mod:`vimtr.data.transforms`: ``eval_transform(model)``, the official evaluation pipeline;
 - :mod:`vimtr.data.folders`: ImageFolder (ImageNet layout) and ``digits`` datasets, corrupt-file
   handling, the deterministic epoch sampler;
-- :mod:`vimtr.data.digits`: the scikit-learn digits the bundled model is trained on.
+- :mod:`vimtr.data.digits`, :mod:`vimtr.data.clutter`: the scikit-learn digits the bundled models are trained
+  on (centred on a blank canvas; anywhere on a cluttered one).
 
 Submodules are imported on first use (torchvision and timm are heavy).
 """
 import importlib
 
 _LAZY = {"eval_transform": "vimtr.data.transforms", "load_dataset": "vimtr.data.folders"}
-_SUBMODULES = ("digits", "folders", "transforms")
+_SUBMODULES = ("clutter", "digits", "folders", "transforms")
 __all__ = sorted(_LAZY)
 
 
