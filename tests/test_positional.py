@@ -40,8 +40,9 @@ def survivors_by_hand(patches: int, schedule: list[int], pattern: str, stride=No
     return left
 
 
-def final_patches(model, x):
-    """For each image, the input patch behind each final non-class token, in sequence order."""
+def final_patches(model, x, cls_between=True):
+    """For each image, the input patch behind each final non-class token, in sequence order;
+    ``cls_between``: also check that the class token still sits between the patches it started between."""
     with torch.no_grad():
         model(x)
     trace = model.reduction_trace
@@ -50,13 +51,18 @@ def final_patches(model, x):
     assert torch.equal(src[:, c], torch.zeros_like(src[:, c]))
     rows = torch.cat((src[:, :c], src[:, c + 1:]), dim=1)
     assert torch.equal(rows.sum(-1), torch.ones_like(rows.sum(-1)))  # each token one whole patch: nothing merged
-    return rows.argmax(-1).tolist()
+    patches = rows.argmax(-1)
+    if cls_between:
+        start = model.initial_cls_index
+        assert (patches[:, :c] < start).all() and (patches[:, c:] >= start).all()
+    return patches.tolist()
 
 
 def test_registered_and_listed():
     assert "positional" in list_methods()
     model = reduce(tiny(), "positional")
-    assert model.reduction["params"]["pattern"] == "first" and model.reduction["params"]["stride"] is None
+    params = model.reduction["params"]
+    assert params["pattern"] == "first" and params["stride"] is None and params["cls"] == "order"
 
 
 @pytest.mark.parametrize("pattern,stride", [("first", None), ("stride", None), ("stride", 3)])
@@ -70,6 +76,17 @@ def test_drops_the_pattern_keeps_the_order_and_ignores_the_image(pattern, stride
     assert got == [expected] * 3  # the same tokens for every image, in raster order
     assert expected == sorted(expected) and len(expected) == 64 - 16
     assert model.reduction_trace["tokens"] == [65, 65, 58, 58, 49, 49] == model.reducer.lengths
+    if pattern == "first":  # every drop comes before the class token: it moves down one place for each
+        assert model.reduction_trace["cls_index"] == [32, 32, 25, 25, 16, 16]
+
+
+def test_proportional_class_rule_moves_the_class_token_as_rmeeto():
+    model = tiny()
+    reduce(model, "positional", r=[0, 0, 7, 0, 9, 0], cls="proportional", trace_source=True)
+    got = final_patches(model, images(model, 2), cls_between=False)
+    assert got == [survivors_by_hand(64, [7, 9], "first")] * 2  # the same tokens kept
+    c1 = 32 * 58 // 65
+    assert model.reduction_trace["cls_index"] == [32, 32, c1, c1, c1 * 49 // 58, c1 * 49 // 58]
 
 
 def test_first_pattern_keeps_the_last_patches():
@@ -85,10 +102,12 @@ def test_default_stride_spreads_the_drops_over_the_sequence():
     assert dropped == [7, 15, 23, 31, 39, 47, 55, 63]  # every 8th: 64 // 8
 
 
-def test_step_keeps_rows_bit_exact_and_the_class_token_in_place():
+@pytest.mark.parametrize("cls", ["order", "proportional"])
+def test_step_keeps_rows_bit_exact_and_the_class_token_in_place(cls):
     """One step on given streams: every surviving row, the class token's included, is the input row
-    itself (pruning, not merging), both streams alike; the class token goes to floor(c·(L−r)/L)."""
-    model = reduce(tiny(), "positional", r=[0, 0, 6, 0, 0, 0], pattern="stride", stride=5)
+    itself (pruning, not merging), both streams alike; the class token goes one place down per dropped
+    token before it (``order``) or to floor(c·(L−r)/L) (``proportional``)."""
+    model = reduce(tiny(), "positional", r=[0, 0, 6, 0, 0, 0], pattern="stride", stride=5, cls=cls)
     B, L, C = 2, 65, 16
     g = torch.Generator().manual_seed(0)
     hidden, residual = torch.randn(B, L, C, generator=g), torch.randn(B, L, C, generator=g)
@@ -97,7 +116,8 @@ def test_step_keeps_rows_bit_exact_and_the_class_token_in_place():
     out = model.reducer(2, TokenState(hidden=hidden.clone(), residual=residual.clone(), cls_index=c,
                                       sizes=torch.ones(B, L, 1)))
     out.materialise()
-    new_c = c * (L - 6) // L
+    # stride 5: the 5th, 10th, ... 30th patch go, all six before the class token (c = 32)
+    new_c = c - 6 if cls == "order" else c * (L - 6) // L
     assert out.cls_index == new_c and out.length == L - 6
     assert torch.equal(out.hidden[:, new_c], hidden[:, c]) and torch.equal(out.residual[:, new_c], residual[:, c])
     patch_rows = [i for i in range(L) if i != c]
@@ -124,6 +144,7 @@ def test_restore_is_bit_identical(params):
 
 @pytest.mark.parametrize("params,match", [
     ({"pattern": "last"}, "pattern must be one of 'first', 'stride'"),
+    ({"cls": "middle"}, "cls must be one of 'order', 'proportional'"),
     ({"pattern": "first", "stride": 2}, "applies to pattern='stride' only"),
     ({"pattern": "stride", "stride": 0}, "stride must be an integer >= 1"),
     ({"pattern": "stride", "stride": True}, "stride must be an integer >= 1"),
