@@ -394,7 +394,8 @@ HELD_HERE = {
 }
 # ToMe is held against facebookresearch/ToMe's own algorithm, PuMer and HSA against re-implementations of their
 # released steps, in tests/test_baselines.py.
-HELD_ELSEWHERE = {"tome": "test_baselines.py", "pumer": "test_baselines.py", "hsa": "test_baselines.py"}
+HELD_ELSEWHERE = {"tome": "test_baselines.py", "pumer": "test_baselines.py", "hsa": "test_baselines.py",
+                  "positional": "test_positional.py"}
 
 
 def test_every_method_has_a_decision_test():

@@ -115,7 +115,7 @@ def test_gradients_reach_every_merged_token_and_no_pruned_one(method):
     model, out = one_step(method, 8, hidden)
     out.hidden.sum().backward()
     reached = hidden.grad.abs().sum(-1) > 0  # (B, L)
-    pruned = {"utr": 8 - 8 // 2, "random": 8, "hsa": 8}.get(method, 0)  # UTR: half of r merged (ToR_SSM's r // 2)
+    pruned = {"utr": 8 - 8 // 2, "random": 8, "hsa": 8, "positional": 8}.get(method, 0)  # UTR: half of r merged (ToR_SSM's r // 2)
     assert reached.sum(1).tolist() == [65 - pruned] * 2
 
 

@@ -32,6 +32,7 @@ VARIANTS = {
     "random": [{}, {"seed": 7}],
     "pumer": [{}, {"metric": "hidden"}, {"ordered": False}, {"weighted": True, "pairing": "released"}],
     "hsa": [{}, {"score": "raw", "mirror": True}, {"score": "l2", "cls_position": "middle"}, {"score": "l1"}],
+    "positional": [{}, {"cls": "proportional"}, {"pattern": "stride", "cls": "proportional"}],
 }
 
 
@@ -61,7 +62,7 @@ def prunes(method, params):
     """Does this variant drop patches (so a patch may appear in no final token)?"""
     return ((method == "mtr" and params.get("prune")) or (method == "rmeeto" and params.get("prune"))
             or (method == "evit" and not params.get("fuse", True))
-            or (method == "utr" and params.get("prune_ratio", 0.5) > 0) or method in ("random", "hsa"))
+            or (method == "utr" and params.get("prune_ratio", 0.5) > 0) or method in ("random", "hsa", "positional"))
 
 
 def keeps_order(method, params):
@@ -84,6 +85,8 @@ def expected_trace(method, params, length, cls, r):
                     cls = (n_a - ri) + cls // 2
             elif method == "hsa" and params.get("cls_position") == "middle":  # the middle of the survivors
                 cls = (length - 1 - ri) // 2
+            elif method == "positional" and params.get("cls", "order") == "order":  # the first r patches go:
+                cls -= min(ri, cls)  # the class token moves down by those that were before it
             elif unordered(method, params):  # R-MeeTo's unordered rule: among the |A| = ceil(T/2) A tokens
                 n_a = length // 2
                 cls = cls * (n_a - ri) // n_a

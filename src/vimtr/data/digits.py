@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+NAME = "digits"
 IMG_SIZE = 32  # the canvas
 DIGIT_SIZE = 20  # the upscaled digit, centred on the canvas
 SPLIT_SEED = 0
@@ -93,6 +94,20 @@ class AugmentedDigits(torch.utils.data.Dataset):
     def __getitem__(self, i):
         x, y = self.dataset[i]
         return augment(x[None], self.strength)[0], y
+
+
+# The interface every built-in dataset module offers (vimtr.data.folders.builtin): the fixed splits as
+# tensors or a dataset, the training reads (a fresh random variation per read), plotting.
+def tensors(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    return digits_tensors(split)
+
+
+def dataset(split: str = "test") -> TensorDataset:
+    return digits_dataset(split)
+
+
+def training_set(split: str = "train") -> "AugmentedDigits":
+    return AugmentedDigits(split)
 
 
 def to_image(x: torch.Tensor):

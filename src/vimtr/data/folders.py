@@ -23,10 +23,12 @@ from torchvision.datasets import ImageFolder
 from vimtr.errors import CorruptImageError, CorruptImageWarning, UsageError
 
 DIGITS = "digits"
+# Built-in datasets (in-memory tensors, no download): spec -> module (tensors, dataset, training_set, to_image).
+BUILTIN = {DIGITS: "vimtr.data.digits", "digits-clutter": "vimtr.data.clutter"}
 ON_CORRUPT = ("skip", "fail")
 LAYOUT_HINT = ("an ImageFolder: one sub-folder per class holding its images, e.g. ImageNet's "
                "val/n01440764/ILSVRC2012_val_00000293.JPEG (or a folder with train/ and val/ inside), "
-               "or 'digits' for the built-in dataset")
+               "or 'digits' / 'digits-clutter' for the built-in datasets")
 
 
 class Skipped(NamedTuple):
@@ -81,16 +83,25 @@ def image_folder(path, split: str, transform=None, on_corrupt: str = "skip") -> 
         raise UsageError(f"data folder {str(root)!r} holds no usable images ({e}); expected {LAYOUT_HINT}") from None
 
 
-def load_dataset(spec, split: str, transform=None, on_corrupt: str = "skip") -> Dataset:
-    """``digits`` (already-normalised tensors; ``transform`` is ignored) or an ImageFolder path.
+def builtin(spec):
+    """The module of a built-in dataset (``digits``, ``digits-clutter``), or None for anything else."""
+    import importlib
 
-    ``split``: ``"train"`` or ``"val"`` (digits' ``val`` is its fixed ``test`` split).
+    module = BUILTIN.get(str(spec))
+    return importlib.import_module(module) if module else None
+
+
+def load_dataset(spec, split: str, transform=None, on_corrupt: str = "skip") -> Dataset:
+    """A built-in dataset (``digits``, ``digits-clutter``: already-normalised tensors; ``transform`` is
+    ignored) or an ImageFolder path.
+
+    ``split``: ``"train"`` or ``"val"`` (a built-in dataset's ``val`` is its fixed ``test`` split).
     """
-    if str(spec) == DIGITS:
-        from vimtr.data.digits import digits_dataset
-        ds = digits_dataset("train" if split == "train" else "test")
+    module = builtin(spec)
+    if module is not None:
+        ds = module.dataset("train" if split == "train" else "test")
         ds.classes = [str(i) for i in range(10)]
-        ds.root = DIGITS
+        ds.root = str(spec)
         return ds
     return image_folder(spec, split, transform, on_corrupt)
 
