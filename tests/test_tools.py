@@ -27,12 +27,17 @@ def test_demo_quick_writes_well_formed_results(tmp_path):
     main(["demo", "--quick", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
     rows = {r["method"]: r for r in res["rows"]}
-    assert set(rows) == {"baseline", "mtr", "rmeeto", "rmeeto_retrained", "tome", "evit", "utr", "random"}
+    assert set(rows) == {"baseline", "mtr", "rmeeto", "rmeeto_retrained", "tome", "evit", "utr", "random",
+                         "positional"}
+    # The default model: the cluttered digits, 100+ patch tokens (the model the demo names, loaded again).
+    assert res["model"] == "vim_digits_clutter" and res["dataset"] == "digits-clutter/test"
+    assert vimtr.load_model(res["model"]).num_patches == res["patch_tokens"] >= 100
     for r in rows.values():
         assert 0.0 <= r["top1"] <= 1.0 and r["gflops"] > 0 and r["images_per_s"] > 0
         assert {"method", "top1", "gflops", "flops_saved", "images_per_s"} <= set(r)
-    for m in ("mtr", "rmeeto", "tome", "evit", "utr", "random", "rmeeto_retrained"):
+    for m in ("mtr", "rmeeto", "tome", "evit", "utr", "random", "positional", "rmeeto_retrained"):
         assert abs(rows[m]["flops_saved"] - 0.3) <= 0.01, m
+    assert rows["positional"]["gflops"] == rows["random"]["gflops"]  # the same schedule, the same FLOPs
     assert rows["baseline"]["flops_saved"] == 0.0
     assert rows["baseline"]["top1"] >= 0.97
     # Re-training recovers accuracy lost by the training-free merge (same schedule, same FLOPs).

@@ -34,7 +34,8 @@ from vimtr.io import write_json
 from vimtr.tools import sweep as sweep_tool
 from vimtr.tools.visualize import token_map_figure
 
-METHODS = ("mtr", "rmeeto", "tome", "evit", "utr", "random")
+METHODS = ("mtr", "rmeeto", "tome", "evit", "utr", "random", "positional")
+DEFAULT_MODEL = "vim_digits_clutter"
 SCHEDULE = {"interval": 2}  # see the module docstring
 
 
@@ -43,8 +44,26 @@ SCHEDULE = {"interval": 2}  # see the module docstring
 RETRAIN = {"epochs": 12, "batch_size": 32, "lr": 4e-3, "augment": True, "drop_path": 0.0, "processes": 2}
 SWEEP_PROCESSES = 2  # one-thread processes sharing the sweep's points (one per core, at most this many)
 TIMING_ROUNDS = 4  # alternating timing rounds for the table's im/s (see time_table_rows)
-# --quick (what the tests run, < 1 min): levels 0.2-0.4, 3 random seeds, 1 epoch on half the train split.
-QUICK = {"random_seeds": 3, "train_fraction": 0.5, "timing_rounds": 3}
+LEVELS = (0.1, 0.2, 0.3, 0.4)  # the sweep's FLOPs reductions (the plots), besides --flops-reduction
+# --quick (what the tests run, < 1 min): the one level, 3 random seeds, 1 epoch on a quarter of the train split.
+QUICK = {"levels": (), "random_seeds": 3, "train_fraction": 0.25, "timing_rounds": 2}
+
+
+def dataset_of(model_name: str) -> str:
+    """The built-in dataset a bundled model was trained on, from its card (``dataset.name``)."""
+    import json
+
+    from vimtr.data.folders import BUILTIN
+    from vimtr.models.checkpoint import assets_dir, bundled_models
+
+    if model_name not in bundled_models():
+        raise ValueError(f"demo: --model must be a bundled model ({', '.join(bundled_models())}), got {model_name!r}")
+    card = json.loads(assets_dir().joinpath(f"{model_name}.json").read_text())
+    name = card.get("dataset", {}).get("name")
+    if name not in BUILTIN:
+        raise ValueError(f"demo: the card of {model_name} names dataset {name!r}; the demo runs on a built-in "
+                         f"one ({', '.join(BUILTIN)})")
+    return name
 
 
 def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAIN["epochs"], seed: int = 0,
@@ -86,7 +105,7 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
     with tempfile.TemporaryDirectory(prefix="vimtr-demo-") as tmp:
         weights = str(Path(tmp) / "student.safetensors")
         summary = distributed.spawn_cpu(_retrain_worker, world, model_name, flops_reduction, settings, augment,
-                                        weights)
+                                        weights, dataset_of(model_name))
         base = vimtr.load_model(model_name) if model is None else vimtr.restore(copy.deepcopy(model))
         student = vimtr.reduce(base, "rmeeto", flops_reduction=flops_reduction, **SCHEDULE)
         student.load_state_dict(load_file(weights))
@@ -104,18 +123,18 @@ def load_training_kernels(model, flops_reduction):
         student(torch.randn(2, *model.input_size)).square().mean().backward()
 
 
-def _retrain_worker(model_name, flops_reduction, settings, augment, weights_path):
+def _retrain_worker(model_name, flops_reduction, settings, augment, weights_path, data):
     """One process of :func:`retrain_rmeeto` (or the only one): re-train, rank 0 writes the weights."""
     from safetensors.torch import save
 
-    from vimtr.data import digits
+    from vimtr.data.folders import builtin
     from vimtr.engine import distributed
     from vimtr.engine.train import retrain
     from vimtr.io import atomic_write
 
     teacher = vimtr.load_model(model_name).eval()
     student = vimtr.reduce(copy.deepcopy(teacher), "rmeeto", flops_reduction=flops_reduction, **SCHEDULE)
-    train = digits.AugmentedDigits("train") if augment else digits.digits_dataset("train")
+    train = builtin(data).training_set("train") if augment else builtin(data).dataset("train")
     summary = retrain(student, train, teacher=teacher, augment=False, log=lambda *a: None, **settings)
     if distributed.context().is_main:
         state = {k: v.contiguous() for k, v in student.state_dict().items()}
@@ -124,12 +143,14 @@ def _retrain_worker(model_name, flops_reduction, settings, augment, weights_path
             "global_batch": summary["config"]["global_batch"]}
 
 
-def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=None, model_name="vim_digits",
+def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=None, model_name=DEFAULT_MODEL,
              progress=True, log=print, retrain_lr: float = RETRAIN["lr"],
              retrain_batch_size: int = RETRAIN["batch_size"], retrain_augment: bool = RETRAIN["augment"],
              retrain_drop_path: float | None = RETRAIN["drop_path"], retrain_processes: int | None = None) -> dict:
-    from vimtr.data import digits
+    from vimtr.data.folders import builtin
 
+    data = dataset_of(model_name)
+    images = builtin(data)
     start = time.time()
     phases, mark = {}, [start]  # wall seconds of each part, in results.json: where the demo's time goes
 
@@ -141,12 +162,13 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
     torch.manual_seed(0)
     out = Path(out)
     model = vimtr.load_model(model_name).eval()
-    test = digits.digits_dataset("test")
-    levels = (0.2, 0.3, 0.4) if quick else (0.1, 0.2, 0.3, 0.4)
+    test = images.dataset("test")
+    levels = QUICK["levels"] if quick else LEVELS
     epochs = retrain_epochs if retrain_epochs is not None else (1 if quick else RETRAIN["epochs"])
 
-    log(f"vimtr demo: {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters), digits test "
-        f"split ({len(test)} images), {flops_reduction:.0%} FLOPs reduction")
+    log(f"vimtr demo: {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{model.num_patches} patch tokens), {data} test split ({len(test)} images), {flops_reduction:.0%} FLOPs "
+        f"reduction")
     from vimtr.engine.distributed import cpu_workers
 
     processes = cpu_workers(SWEEP_PROCESSES)
@@ -181,15 +203,15 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
     lap("timing")
 
     sweep_tool.plot(sweep_rows, out / "acc_vs_flops.png", out / "acc_vs_throughput.png",
-                    title=f"{model_name} on digits (training-free; ★ = unreduced)",
+                    title=f"{model_name} on {data} (training-free; ★ = unreduced)",
                     extra_points=[(retrained, "P")], processes=processes)
-    x, _ = digits.digits_tensors("test")
-    token_map_figure(model, x[:1], digits.to_image(x[0]),
+    x, _ = images.tensors("test")
+    token_map_figure(model, x[:1], images.to_image(x[0]),
                      {"mtr": ("mtr", {**SCHEDULE, "flops_reduction": flops_reduction}),
                       "rmeeto": ("rmeeto", {**SCHEDULE, "flops_reduction": flops_reduction})},
                      out / "token_maps.png", title=f"{model_name}: merged token groups at "
                                                    f"{flops_reduction:.0%} fewer FLOPs")
-    result = {"model": model_name, "dataset": "digits/test", "flops_reduction": flops_reduction, "quick": quick,
+    result = {"model": model_name, "dataset": f"{data}/test", "patch_tokens": model.num_patches, "flops_reduction": flops_reduction, "quick": quick,
               "rows": [{k: r.get(k) for k in ("method", "top1", "gflops", "flops_saved", "images_per_s", "top5",
                                               "speedup", "final_tokens", "retrain_minutes", "retrain_epochs",
                                               "retrain_augment", "retrain_drop_path", "retrain_processes", "seeds",
@@ -248,7 +270,7 @@ def add_cli(sub):
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     p.add_argument("--flops-reduction", type=float, default=0.3, help="common FLOPs reduction (default 0.3)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer reduction levels, 3 random seeds, 1 re-training epoch on half the train split")
+                   help="one reduction level, 3 random seeds, 1 re-training epoch on a quarter of the train split")
     p.add_argument("--retrain-epochs", type=int, default=None,
                    help=f"re-training epochs (default {RETRAIN['epochs']}; quick 1)")
     p.add_argument("--retrain-lr", type=float, default=RETRAIN["lr"],
@@ -263,7 +285,8 @@ def add_cli(sub):
     p.add_argument("--retrain-processes", type=int, default=None,
                    help=f"one-thread processes for the re-training (default: one per core, at most "
                         f"{RETRAIN['processes']}; the batch is split between them)")
-    p.add_argument("--model", default="vim_digits", help="bundled model (default vim_digits)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"bundled model (default {DEFAULT_MODEL}; vim_digits: the centred digits on 64 tokens)")
     p.set_defaults(func=run)
 
 
