@@ -7,8 +7,8 @@
 An R-MeeTo step (r tokens of L = 197 merged, Vim-S width, batch 8) on random streams, then the block's
 first op, four ways (median of ``--reps`` calls each): the plain add + RMSNorm on already reduced rows, the
 eager merge of both streams followed by it (what the reducer did before), the fused kernel, and the plain
-kernel on all L rows. Writes JSON (default benchmarks/results/merge_norm.json). See NOTES round 7 for why
-the two allocator settings give very different stand-alone numbers.
+kernel on all L rows. Writes JSON (default benchmarks/results/merge_norm.json). docs/performance.md says
+why the two allocator settings give very different stand-alone numbers.
 """
 from __future__ import annotations
 
@@ -19,8 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # noqa: F401  (first: it sets GOMP_SPINCOUNT before torch loads libgomp)
-import torch
+from vimtr.cli import tune_cpu_threads
+
+tune_cpu_threads()  # GOMP_SPINCOUNT as the CLI sets it, before torch loads libgomp
+
+import torch  # noqa: E402
+
+import vimtr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import machine, write  # noqa: E402
@@ -38,8 +43,8 @@ def median_us(fn, reps: int) -> float:
 
 
 def main(argv=None):
-    from vimtr.ops.norm_cpu import add_rmsnorm_cpu
-    from vimtr.reduction.merge import PendingMerge, _FlatPlan, bipartite_plan
+    from vimtr.ops.cpu import add_rms_norm_cpu
+    from vimtr.reduction.merge import _FlatPlan, bipartite_plan, row_map
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -55,13 +60,13 @@ def main(argv=None):
     B, L, D, c = args.batch, args.length, args.dim, args.length // 2
     hidden, residual, w = torch.randn(B, L, D), torch.randn(B, L, D), torch.rand(D)
     plan = bipartite_plan(hidden, args.r, cls_index=c, length=L, metric_has_cls=True)
-    merge = PendingMerge(_FlatPlan.of(plan, c, B, L, "cpu"), torch.ones(B, L, 1))
+    merge = row_map(_FlatPlan.of(plan, c, B, L, "cpu"), torch.ones(B, L, 1), residual)
     h_red, r_red = merge.apply(hidden), merge.apply(residual)
     cases = {
-        "norm_on_reduced_rows": lambda: add_rmsnorm_cpu(h_red, r_red, w, 1e-5),
-        "eager_merge_then_norm": lambda: add_rmsnorm_cpu(merge.apply(hidden), merge.apply(residual), w, 1e-5),
-        "fused_merge_norm": lambda: add_rmsnorm_cpu(hidden, residual, w, 1e-5, merge=merge),
-        "norm_on_all_rows": lambda: add_rmsnorm_cpu(hidden, residual, w, 1e-5),
+        "norm_on_reduced_rows": lambda: add_rms_norm_cpu(h_red, r_red, w, 1e-5),
+        "eager_merge_then_norm": lambda: add_rms_norm_cpu(merge.apply(hidden), merge.apply(residual), w, 1e-5),
+        "fused_merge_norm": lambda: add_rms_norm_cpu(hidden, residual, w, 1e-5, row_map=merge),
+        "norm_on_all_rows": lambda: add_rms_norm_cpu(hidden, residual, w, 1e-5),
     }
     rec = {"benchmark": "merge_norm", "machine": machine(), "batch": B, "length": L, "dim": D, "r": args.r,
            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "median_us": {}}

@@ -12,7 +12,9 @@ For each method (default: ``rmeeto`` r=11 and ``mtr`` flops_reduction=0.3) on th
 * ``speedup`` = baseline time / reduced time, and ``realised`` = speedup / flops_ratio (target ≥ 0.85),
 * ``reducer_share`` = wall time spent inside ``model.reducer`` calls / the forward's wall time, in the
   same (fastest) forward (target ≤ 3%); the reducer's own sorts, gathers and scatters are all that
-  is timed, the mixer's extra output for MTR (Δ) is part of the mixer.
+  is timed, the mixer's extra output for MTR (Δ) is part of the mixer;
+* the same three in CPU time (``cpu_time``): with ``--threads 1`` the process's CPU time is the work
+  itself, so these survive a machine shared with other jobs, where wall times do not.
 
 Writes JSON (default benchmarks/results/reduced.json).
 """
@@ -24,8 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # first: it sets GOMP_SPINCOUNT before torch loads libgomp (see vimtr/__init__.py)
-import torch
+from vimtr.cli import tune_cpu_threads
+
+tune_cpu_threads()  # GOMP_SPINCOUNT as the CLI sets it, before torch loads libgomp
+
+import torch  # noqa: E402
+
+import vimtr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import _proc_stat_busy, machine, write  # noqa: E402
@@ -34,18 +41,19 @@ METHODS = {"rmeeto": {"r": 11}, "mtr": {"flops_reduction": 0.3}}
 
 
 class ReducerTimer:
-    """Wraps a model's reducer: accumulates the wall time of its calls."""
+    """Wraps a model's reducer: accumulates the wall and CPU time of its calls."""
 
     def __init__(self, reducer):
-        self.reducer, self.seconds = reducer, 0.0
+        self.reducer, self.seconds, self.cpu_seconds = reducer, 0.0, 0.0
 
     def __call__(self, block, state):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = self.reducer(block, state)
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
         return out
 
-    def __getattr__(self, name):  # wants_aux, finish, applied, ... go to the reducer
+    def __getattr__(self, name):  # finish, applied, ... go to the reducer
         return getattr(self.reducer, name)
 
 
@@ -72,6 +80,8 @@ def main(argv=None):
     flops = {k: vimtr.flops(m) for k, m in models.items()}
     walls = {k: [] for k in models}
     shares = {k: [] for k in models}
+    cpus = {k: [] for k in models}  # on one thread, CPU time is the work itself, whatever else runs
+    cpu_shares = {k: [] for k in models}
     busy0, t_start = _proc_stat_busy(), time.perf_counter()
     with torch.inference_mode(), scan_backend("cpu"):
         for m in models.values():  # warm-up (numba compile/cache load, allocator)
@@ -79,17 +89,20 @@ def main(argv=None):
         for _ in range(args.reps):
             for k, m in models.items():
                 if k != "baseline":
-                    m.reducer.seconds = 0.0
-                t0 = time.perf_counter()
+                    m.reducer.seconds = m.reducer.cpu_seconds = 0.0
+                c0, t0 = time.process_time(), time.perf_counter()
                 m(x)
-                wall = time.perf_counter() - t0
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 walls[k].append(wall)
+                cpus[k].append(cpu)
                 shares[k].append(m.reducer.seconds / wall if k != "baseline" else 0.0)
+                cpu_shares[k].append(m.reducer.cpu_seconds / cpu if k != "baseline" else 0.0)
     busy1, elapsed = _proc_stat_busy(), time.perf_counter() - t_start
     t_base = min(walls["baseline"])
     rec = {"benchmark": "reduced", "machine": machine(), "model": args.model, "batch": args.batch, "dtype": "float32",
            "image_size": base.input_size[-1], "reps": args.reps, "scan_backend": "cpu",
-           "baseline": {"wall_min_s": t_base, "walls_s": walls["baseline"], "flops_per_image": flops["baseline"]},
+           "baseline": {"wall_min_s": t_base, "walls_s": walls["baseline"], "cpu_min_s": min(cpus["baseline"]),
+                        "flops_per_image": flops["baseline"]},
            "methods": {}}
     if busy0 and busy1:
         import os
@@ -105,9 +118,15 @@ def main(argv=None):
              "flops_ratio": ratio, "speedup": speedup, "realised": speedup / ratio,
              "reducer_share": shares[k][i], "reducer_share_median": sorted(shares[k])[len(shares[k]) // 2],
              "tokens": models[k].reduction_trace["tokens"]}
+        j = min(range(len(cpus[k])), key=cpus[k].__getitem__)  # the same in CPU time
+        r["cpu_time"] = {"min_s": cpus[k][j], "speedup": min(cpus["baseline"]) / cpus[k][j],
+                         "realised": min(cpus["baseline"]) / cpus[k][j] / ratio, "reducer_share": cpu_shares[k][j],
+                         "reducer_share_median": sorted(cpu_shares[k])[len(cpu_shares[k]) // 2]}
         rec["methods"][k] = r
+        c = r["cpu_time"]
         print(f"  {k:7s} {t * 1e3:8.1f} ms  FLOPs x{ratio:.3f}  speed-up x{speedup:.3f}  realised {r['realised']:.3f}"
-              f"  reducer {r['reducer_share'] * 100:.2f}% of the forward")
+              f"  reducer {r['reducer_share'] * 100:.2f}% of the forward | CPU time: realised {c['realised']:.3f},"
+              f" reducer {c['reducer_share'] * 100:.2f}%")
     path = write(rec, args.out, "reduced")
     print(f"wrote {path}")
 

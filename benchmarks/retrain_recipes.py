@@ -11,7 +11,8 @@ drop-path 0, CE with label smoothing 0.1 +
 (the settings, top-1 and the number of correct test images out of 360, the unreduced model's 356, both
 models' top-1 on the train split, and the training seconds) to ``--out`` (default benchmarks/results/retrain_recipes.jsonl). Accuracy, not
 speed, is the result: runs may share the machine (``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1`` and two at a
-time on two cores is how NOTES' table was made; the thread count changes the rounding and so the run).
+time on two cores is how docs/performance.md's figures were made; the thread count changes the rounding and so
+the run).
 ``--processes 2`` re-trains exactly as ``vimtr demo`` does (its two one-thread processes, its rounding).
 """
 from __future__ import annotations
@@ -24,8 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # first: it sets GOMP_SPINCOUNT before torch loads libgomp
-import torch
+from vimtr.cli import tune_cpu_threads
+
+tune_cpu_threads()  # GOMP_SPINCOUNT as the CLI sets it, before torch loads libgomp
+
+import torch  # noqa: E402
+
+import vimtr  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -3,9 +3,9 @@
     PYTHONPATH=src python benchmarks/retrain_speed.py [--rounds 5] [--epochs 1] [--out FILE.json]
 
 1. One training step of the demo's student (the bundled model, rmeeto at 30% fewer FLOPs, batch 16,
-   forward + backward, one thread) with the depthwise conv's numba backward and with the previous path
-   (autograd through torch's conv, recomputed; ``vimtr.ops.conv_cpu.KERNEL_BACKWARD = False``), taking
-   turns: ``rounds`` rounds of 10 steps each, the fastest round and the median kept.
+   forward + backward, one thread) on the CPU kernels (``VIMTR_SCAN=cpu``) and on the plain-PyTorch
+   reference ops (``VIMTR_SCAN=reference``), taking turns: ``rounds`` rounds of 10 steps each, the fastest
+   round and the median kept.
 2. ``vimtr.tools.demo.retrain_rmeeto`` (the demo's recipe, ``--epochs`` epochs) in one process with all
    the machine's threads against one one-thread process per core (at most 2) with DDP, alternating
    ``--pairs`` times; wall seconds including the processes' start-up.
@@ -23,8 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # first: it sets GOMP_SPINCOUNT before torch loads libgomp
-import torch
+from vimtr.cli import tune_cpu_threads
+
+tune_cpu_threads()  # GOMP_SPINCOUNT as the CLI sets it, before torch loads libgomp
+
+import torch  # noqa: E402
+
+import vimtr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import machine  # noqa: E402
@@ -34,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def step_times(rounds: int) -> dict:
     from vimtr.data import digits
-    from vimtr.ops import conv_cpu
+    from vimtr.ops import scan_backend
     from vimtr.tools.demo import SCHEDULE
 
     torch.set_num_threads(1)
@@ -46,23 +51,23 @@ def step_times(rounds: int) -> dict:
     def step():
         student(xb).logsumexp(-1).mean().backward()
 
-    times = {True: [], False: []}
-    for kernel in (True, False):  # warm-up (JIT, allocator) for both paths
-        conv_cpu.KERNEL_BACKWARD = kernel
-        for _ in range(3):
-            step()
-    for _ in range(rounds):
-        for kernel in (True, False):
-            conv_cpu.KERNEL_BACKWARD = kernel
-            t0 = time.perf_counter()
-            for _ in range(10):
+    backends = ("cpu", "reference")
+    times = {b: [] for b in backends}
+    for backend in backends:  # warm-up (JIT, allocator) for both
+        with scan_backend(backend):
+            for _ in range(3):
                 step()
-            times[kernel].append((time.perf_counter() - t0) / 10)
-    conv_cpu.KERNEL_BACKWARD = True
-    out = {name: {"min_ms": 1e3 * min(times[k]), "median_ms": 1e3 * statistics.median(times[k])}
-           for name, k in (("kernel_backward", True), ("reference_backward", False))}
-    out["speedup_min"] = out["reference_backward"]["min_ms"] / out["kernel_backward"]["min_ms"]
-    out["speedup_median"] = out["reference_backward"]["median_ms"] / out["kernel_backward"]["median_ms"]
+    for _ in range(rounds):
+        for backend in backends:
+            with scan_backend(backend):
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    step()
+                times[backend].append((time.perf_counter() - t0) / 10)
+    out = {name: {"min_ms": 1e3 * min(times[b]), "median_ms": 1e3 * statistics.median(times[b])}
+           for name, b in (("cpu_kernels", "cpu"), ("reference_ops", "reference"))}
+    out["speedup_min"] = out["reference_ops"]["min_ms"] / out["cpu_kernels"]["min_ms"]
+    out["speedup_median"] = out["reference_ops"]["median_ms"] / out["cpu_kernels"]["median_ms"]
     return out
 
 

@@ -21,8 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # noqa: F401  first: it sets GOMP_SPINCOUNT before torch loads libgomp (see vimtr/__init__.py)
-import torch
+from vimtr.cli import tune_cpu_threads
+
+tune_cpu_threads()  # GOMP_SPINCOUNT as the CLI sets it, before torch loads libgomp
+
+import torch  # noqa: E402
+
+import vimtr  # noqa: E402
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,36 +65,11 @@ def timeit(fn, reps: int, warmup: int = 1, max_seconds: float | None = None) -> 
             break
     end, elapsed = _proc_stat_busy(), time.perf_counter() - t_start
     rec = {"reps": len(walls), "wall_min_s": min(walls), "wall_median_s": statistics.median(walls),
-               "cpu_median_s": statistics.median(cpus)}
+           "cpu_min_s": min(cpus), "cpu_median_s": statistics.median(cpus)}
     if start and end:
         others = ((end[0] - start[0]) - (end[1] - start[1])) / os.sysconf("SC_CLK_TCK")
         rec["other_processes_cores"] = round(others / elapsed, 2)
     return rec
-
-
-def alternate_ab(fn, use, rounds: int, reps: int) -> str:
-    """The loop kernel (``use(False)``) against the vector one (``use(True)``), taking turns: one warm-up
-    call each, then ``rounds`` rounds of ``reps`` calls, the order flipped every round; ``fn`` may return
-    the seconds to count as a float (else its wall time counts). Leaves the vector kernel selected. Returns a line with
-    the fastest and median ms of each and their ratios (scan_backward.py, scan_forward.py)."""
-    times = {False: [], True: []}
-    for v in (False, True):
-        use(v)
-        fn()
-    for r in range(rounds):
-        for v in ((False, True) if r % 2 == 0 else (True, False)):
-            use(v)
-            t = 0.0
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                s = fn()
-                t += s if isinstance(s, float) else time.perf_counter() - t0
-            times[v].append(t / reps * 1e3)
-    use(True)
-    old, new = times[False], times[True]
-    return (f"loop {min(old):8.2f} / {statistics.median(old):8.2f} ms   vector {min(new):8.2f} / "
-            f"{statistics.median(new):8.2f} ms   ratio {min(old) / min(new):.2f} / "
-            f"{statistics.median(old) / statistics.median(new):.2f}  (fastest / median)")
 
 
 def machine() -> dict:
@@ -136,7 +116,8 @@ def mm_rate(m: int, k: int, n: int, reps: int = 10) -> float:
 
 # ----------------------------------------------------------------------------------------- the scan
 def mixer_inputs(batch, E, L, N, seed=0):
-    """Inputs as BiMamba._direction passes them: delta and z are transposed (B, L, E) views."""
+    """Inputs as the reference mixer passes them (vimtr.ops.reference.bimamba_inner_ref): delta and z are
+    transposed (B, L, E) views."""
     g = torch.Generator().manual_seed(seed)
     u = F.silu(torch.randn(batch, E, L, generator=g))
     delta = (torch.randn(batch, L, E, generator=g) * 0.5).transpose(1, 2)
@@ -179,8 +160,8 @@ def _unfused(fast):
 
 
 def bench_case(name, batch, quick, ref_max_batch):
-    from vimtr.ops.scan_cpu import selective_scan_cpu
-    from vimtr.ops.selective_scan import selective_scan_ref
+    from vimtr.ops import selective_scan_ref
+    from vimtr.ops.cpu import selective_scan_cpu
 
     shp = SHAPES[name]
     E, L, N = shp["E"], shp["L"], shp["N"]

@@ -15,7 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import vimtr  # first: it sets GOMP_SPINCOUNT before torch loads libgomp
+from vimtr.cli import tune_cpu_threads
+
+tune_cpu_threads()  # GOMP_SPINCOUNT as the CLI sets it, before torch loads libgomp
+
+import vimtr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import machine  # noqa: E402

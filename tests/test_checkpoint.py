@@ -9,7 +9,6 @@ import logging
 import os
 import pickle
 import sys
-import types
 import warnings
 
 import pytest
@@ -435,6 +434,9 @@ def test_distill_head_is_ignored(tmp_path):
 def test_hub_offline_says_what_to_download(monkeypatch):
     import huggingface_hub
 
+    import vimtr.models.hub
+    monkeypatch.setattr(vimtr.models.hub, "unreachable", lambda *a, **k: None)  # the Hub answers the probe
+
     def offline(**kwargs):
         raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach the Hub and the file is not cached")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
@@ -456,6 +458,9 @@ def test_hub_without_huggingface_hub(monkeypatch):
 
 def test_hub_download_then_load(tmp_path, monkeypatch, no_checkpoint_warnings):
     import huggingface_hub
+
+    import vimtr.models.hub
+    monkeypatch.setattr(vimtr.models.hub, "unreachable", lambda *a, **k: None)  # the Hub answers the probe
     model = small("videomamba_tiny")
     local = tmp_path / "blob"  # the HF cache's file name says nothing; the requested name does
     torch.save(model.state_dict(), local)

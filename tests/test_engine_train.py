@@ -17,15 +17,9 @@ from vimtr.engine import distributed, recipe, train
 from vimtr.errors import UsageError
 from vimtr.engine.evaluate import evaluate
 
-from test_engine_eval import run_group, save_ckpt, tiny_model, write_folder
+from conftest import run_group, save_ckpt, tiny_model, write_folder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(argv):
@@ -85,6 +79,7 @@ def _mid_epoch(path):
     return state if state["batch_in_epoch"] > 0 else None
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     """DeiT augmentation, mixup/cutmix, repeated augmentation, EMA, distillation: the killed run (2 loader
     workers) resumed from its mid-epoch checkpoint ends with exactly the uninterrupted run's weights."""
@@ -237,10 +232,16 @@ def test_epoch_sampler_shards_repeats_and_skips():
     assert len(a) == len(b) == 4 and not {k[0] for k in a} & {k[0] for k in b}
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
+    """Under torchrun, with uneven shards: 17 training images (8 per rank, in whole steps) and 5 to evaluate
+    (3 + 2, every one counted once)."""
     data_dir = tmp_path / "data"
     write_folder(data_dir / "train", per_class=4)
     write_folder(data_dir / "val", per_class=1, seed=1)
+    for split in ("train", "val"):  # one more image each: shards of unequal size
+        image = (data_dir / split / "n00000001" / "0.png").read_bytes()
+        (data_dir / split / "n00000002" / "extra.png").write_bytes(image)
     ckpt = save_ckpt(tiny_model(), tmp_path / "tiny.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "vimtr.engine.train", "--checkpoint", str(ckpt), "--method", "rmeeto", "--num-prune", "3",
@@ -252,7 +253,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert len(ck["rng"]) == 2 and ck["train"]["config"]["world_size"] == 2
     assert ck["train"]["config"]["global_batch"] == 8 and ck["train"]["state"]["step"] == 2
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["final"]["images"] == 4 and results["final"]["world_size"] == 2
+    assert results["final"]["images"] == 5 and results["final"]["world_size"] == 2
+    assert ck["train"]["config"]["train_size"] == 17
 
 
 def test_retrain_cli_on_digits(tmp_path):
@@ -294,6 +296,7 @@ def _fails_on_rank_1():
     return {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_spawn_cpu_joins_a_gloo_group_and_returns_rank_0s_value(method):
     if method == "fork":  # the default on Linux; after this process has run kernels on two threads

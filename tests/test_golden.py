@@ -53,3 +53,53 @@ def test_rmeeto_reproduces_official(case, weights, golden, golden_input):
     vimtr.reduce(model, "rmeeto", r=11)
     with torch.no_grad():
         assert torch.equal(model(golden_input), logits)
+
+
+# ---------------------------------------------------------------------------------------------- P3: video
+P3 = "p3_videomamba_video_tiny_f8"
+P3_OVERRIDES = dict(depth=12, num_frames=8, img_size=112, num_classes=400)  # the case's constructor
+
+
+@pytest.fixture(scope="module")
+def p3():
+    from safetensors.torch import load_file
+    return load_file(GOLDEN / f"{P3}.safetensors")
+
+
+def _p3_state_dict(p3):
+    return {k[8:]: v.float() for k, v in p3.items() if k.startswith("weights.")}
+
+
+def test_videomamba_video_reproduces_official(p3):
+    """OpenGVLab/VideoMamba video_sm VisionMamba (K400 classifier): class token first, frame-major tokens,
+    spatial + temporal position embeddings, directions summed; the golden README's tolerance."""
+    meta = json.loads((GOLDEN / f"{P3}.json").read_text())
+    model = vimtr.create_model("videomamba_video_tiny", **P3_OVERRIDES).eval()
+    model.load_state_dict(_p3_state_dict(p3), strict=True)
+    x = p3["input"]
+    assert model.num_tokens == meta["seq_len"] == 393
+    captured = {}
+    model.layers[0].mixer.register_forward_hook(lambda m, i, o: captured.update(mixer=o[0]))
+    with torch.no_grad():
+        embed = model.embed(x)
+        state = model.forward_tokens(x)
+        features = state.hidden[:, state.cls_index]
+        logits = model.head(features)
+        assert torch.equal(model(x), logits)
+    assert state.cls_index == meta["cls_index"] == 0
+    assert_close_golden(embed, p3["embed"], "embed")
+    assert_close_golden(captured["mixer"], p3["layer0_mixer_out"], "layer0_mixer_out")
+    assert_close_golden(features, p3["features"], "features")
+    assert_close_golden(logits, p3["logits"], "logits")
+
+
+def test_videomamba_video_flat_checkpoint_loads_by_shape(p3, tmp_path):
+    """Official video checkpoints are flat state dicts: the architecture (depth, frames, size, classes) comes
+    from the shapes, with or without the registered name, and the outputs are the golden ones."""
+    path = tmp_path / "videomamba_t16_k400_f8_res112.pth"
+    torch.save(_p3_state_dict(p3), path)
+    for name in (None, "videomamba_video_tiny"):
+        model = vimtr.load_model(path, name=name)
+        assert {k: model.config[k] for k in P3_OVERRIDES} == P3_OVERRIDES
+        with torch.no_grad():
+            assert_close_golden(model(p3["input"]), p3["logits"], f"logits (name={name})")

@@ -1,17 +1,35 @@
-"""The CPU mixer path (vimtr.models.layers.BiMamba._forward_cpu) and its kernels (vimtr.ops.conv_cpu, the
+"""The CPU mixer (vimtr.ops.cpu.mixer, what BiMamba runs on CPU) and its kernels (vimtr.ops.cpu.conv, the
 scan's out=/accumulate=/delta_out= extensions): values against the flip path, bit-equality across grad
 modes, gradients, bad input. No timings here."""
 import pytest
 import torch
 
-pytest.importorskip("numba")
 
 from vimtr.models.layers import BiMamba
 from vimtr.ops import causal_conv1d_ref, scan_backend, selective_scan_ref
-from vimtr.ops.conv_cpu import causal_conv1d_bidir_cpu, causal_conv1d_bidir_ref
-from vimtr.ops.scan_cpu import gated_sum_cpu, scan_delta_cpu, selective_scan_cpu
+from vimtr.ops import causal_conv1d_bidir_ref
+from vimtr.ops.cpu import causal_conv1d_bidir_cpu, gated_sum_cpu, scan_delta_cpu, selective_scan_cpu
+
+from conftest import scan_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _runs_cpu_mixer(m, h):
+    """Whether the mixer's op runs the CPU kernel (vimtr.ops.cpu.bimamba_inner_cpu) for h (with a copy of
+    the mixer in h's dtype)."""
+    import copy
+
+    import vimtr.ops.cpu as cpu
+    m = m if h.dtype == torch.float32 else copy.deepcopy(m).to(h.dtype)
+    calls, orig = [], cpu.bimamba_inner_cpu
+    cpu.bimamba_inner_cpu = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        with torch.no_grad():
+            m(h)
+    finally:
+        cpu.bimamba_inner_cpu = orig
+    return bool(calls)
 
 
 def _mixer(divide_out=True, seed=0, d=32):
@@ -30,14 +48,14 @@ def test_cpu_path_matches_flip_path(divide_out):
         with scan_backend("reference"):
             ref, ref_aux = m(h, want_aux=True)
         with scan_backend("cpu"):
-            assert m._use_cpu_path(h)
+            assert _runs_cpu_mixer(m, h)
             out, aux = m(h, want_aux=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert aux.keys() == ref_aux.keys() | {"delta_channel_sum", "delta_channels"}
+    assert aux.keys() == ref_aux.keys() | {"delta_sum", "delta_channels"}
     assert aux["delta_channels"] == m.d_inner
-    torch.testing.assert_close(aux["delta_channel_sum"], (ref_aux["delta_f"] + ref_aux["delta_b"]).sum(1),
+    torch.testing.assert_close(aux["delta_sum"], (ref_aux["delta_f"] + ref_aux["delta_b"]).sum(1),
                                rtol=1e-5, atol=1e-5)
-    for k in ref_aux:
+    for k in ref_aux.keys() - {"delta_channels"}:  # (every backend gives every key; this one is the count E)
         assert aux[k].shape == ref_aux[k].shape, k
         torch.testing.assert_close(aux[k], ref_aux[k], rtol=1e-5, atol=1e-6)
 
@@ -72,28 +90,30 @@ def test_cpu_path_gradients_match_flip_path():
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * max(1.0, g_ref.abs().max().item()))
 
 
-def test_named_aux_keys_skip_delta_and_mtr_scores_agree():
-    from vimtr.reduction.mtr import delta_importance
+def test_named_aux_keys_skip_delta_and_the_kernel_sums_match_the_reference_delta():
     m, h = _mixer(seed=4), torch.randn(2, 9, 32)
     with torch.no_grad(), scan_backend("cpu"):
         _, full = m(h, want_aux=True)
-        _, some = m(h, want_aux=frozenset({"delta_channel_sum", "delta_channels"}))
-        _, grad_some = m(h.requires_grad_(), want_aux=frozenset({"delta_channel_sum", "delta_channels"}))
+        _, some = m(h, want_aux=frozenset({"delta_sum", "delta_channels"}))
+        _, grad_some = m(h.requires_grad_(), want_aux=frozenset({"delta_sum", "delta_channels"}))
     assert "delta_f" not in some and "delta_b" not in some
-    assert torch.equal(some["delta_channel_sum"], full["delta_channel_sum"])
-    assert torch.equal(grad_some["delta_channel_sum"], full["delta_channel_sum"])
+    assert torch.equal(some["delta_sum"], full["delta_sum"])
+    assert torch.equal(grad_some["delta_sum"], full["delta_sum"])
     with torch.no_grad(), scan_backend("reference"):
         _, ref = m(h, want_aux=True)
-    torch.testing.assert_close(delta_importance(some), delta_importance(ref), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(delta_importance(full, "channel_max"), delta_importance(ref, "channel_max"))
+    # The kernels' per-token sums against Σ_e (Δ_f + Δ_b) of the reference path's own Δ tensors (computed by
+    # plain torch, both directions in token order); the CPU path's Δ tensors against the reference's too.
+    torch.testing.assert_close(some["delta_sum"], (ref["delta_f"] + ref["delta_b"]).sum(1), rtol=1e-5, atol=1e-5)
+    for key in ("delta_f", "delta_b"):
+        torch.testing.assert_close(full[key], ref[key], rtol=1e-5, atol=1e-6)
 
 
 def test_other_backends_and_dtypes_take_the_flip_path():
     m, h = _mixer(), torch.randn(1, 5, 32)
     with scan_backend("reference"):
-        assert not m._use_cpu_path(h)
+        assert not _runs_cpu_mixer(m, h)
     with scan_backend("cpu"):
-        assert not m._use_cpu_path(h.double())
+        assert not _runs_cpu_mixer(m, h.double())
 
 
 # ---------------------------------------------------------------------------------------- the conv
@@ -151,8 +171,8 @@ def test_conv_bidir_kernel_backward_matches_autograd_through_the_reference(k, ac
     params = [p.requires_grad_() if p is not None else None for p in params]
     gf, gb = torch.randn(3, 6, 23, generator=g), torch.randn(3, 6, 23, generator=g)
     ref = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, *params)]
-    import vimtr.ops.scan_cpu as scan_cpu
-    monkeypatch.setattr(scan_cpu, "_MIN_WORK_PER_THREAD", 1)  # split even this small input between threads
+    import vimtr.ops.cpu.runtime as runtime
+    monkeypatch.setattr(runtime, "MIN_WORK_PER_THREAD", 1)  # split even this small input between threads
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -167,16 +187,14 @@ def test_conv_bidir_kernel_backward_matches_autograd_through_the_reference(k, ac
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_bidir_reference_backward_switch_gives_the_same_gradients(monkeypatch):
-    import vimtr.ops.conv_cpu as conv_cpu
+def test_conv_bidir_kernel_backward_gives_the_reference_gradients():
     g = torch.Generator().manual_seed(5)
     args = [torch.randn(2, 4, 11, generator=g), torch.randn(4, 1, 4, generator=g), torch.randn(4, generator=g),
             torch.randn(4, 1, 4, generator=g), torch.randn(4, generator=g)]
     grads = []
-    for kernel in (True, False):
-        monkeypatch.setattr(conv_cpu, "KERNEL_BACKWARD", kernel)
+    for conv in (causal_conv1d_bidir_cpu, causal_conv1d_bidir_ref):
         leaves = [a.clone().requires_grad_() for a in args]
-        cf, cb = causal_conv1d_bidir_cpu(*leaves)
+        cf, cb = conv(*leaves)
         (cf.square().sum() + cb.sin().sum()).backward()
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
@@ -184,16 +202,9 @@ def test_conv_bidir_reference_backward_switch_gives_the_same_gradients(monkeypat
 
 
 # ------------------------------------------------------------------- scan: out=, accumulate=, delta_out=
-def _scan_inputs(seed=0, b=2, e=6, l=15, n=16):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)
-    return dict(u=r(e, b, l).transpose(0, 1), delta=r(e, b, l).transpose(0, 1) * 0.5, A=-torch.exp(r(e, n) * 0.5),
-                B=r(b, n, l), C=r(b, n, l), D=r(e), z=r(e, b, l).transpose(0, 1), delta_bias=r(e) * 0.5 - 1)
-
-
 @pytest.mark.parametrize("n", [16, 3])
 def test_scan_out_accumulate_and_delta_out(n):
-    x, x2 = _scan_inputs(1, n=n), _scan_inputs(2, n=n)
+    x, x2 = scan_inputs(2, 6, 15, n, seed=1, layout="channel_major"), scan_inputs(2, 6, 15, n, seed=2, layout="channel_major")
     flipped = {k: (v.flip(-1) if k in ("u", "delta", "z", "B", "C") else v) for k, v in x2.items()}
     y_f = selective_scan_ref(**x, delta_softplus=True)
     y_b = selective_scan_ref(**flipped, delta_softplus=True).flip(-1)
@@ -219,7 +230,7 @@ def test_scan_out_accumulate_and_delta_out(n):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("gate_layout", ["channel_major", "contiguous", "channel_last"])
 def test_scan_out_gate_is_gated_sum_bit_for_bit(n, reverse, gate_layout):
-    x = _scan_inputs(7, n=n)
+    x = scan_inputs(2, 6, 15, n, seed=7, layout="channel_major")
     x.pop("z")
     g = torch.randn(6, 2, 15).transpose(0, 1)
     g = {"channel_major": g, "contiguous": g.contiguous(),
@@ -253,7 +264,7 @@ def test_gated_sum_gradients_and_bad_input():
 
 
 def test_scan_extensions_reject_bad_use():
-    x = _scan_inputs(3)
+    x = scan_inputs(2, 6, 15, 16, seed=3, layout="channel_major")
     with pytest.raises(ValueError, match="accumulate=True needs out="):
         selective_scan_cpu(**x, accumulate=True)
     with pytest.raises(ValueError, match="shape"):
@@ -276,7 +287,7 @@ def test_scan_extensions_reject_bad_use():
 
 
 def test_scan_extensions_on_empty_shapes():
-    x = _scan_inputs(4, n=16)
+    x = scan_inputs(2, 6, 15, 16, seed=4, layout="channel_major")
     x["A"], x["B"], x["C"] = x["A"][:, :0], x["B"][:, :0], x["C"][:, :0]
     out = torch.ones(2, 6, 15)
     d = torch.empty(2, 6, 15)
@@ -290,8 +301,8 @@ def test_scan_extensions_on_empty_shapes():
     torch.testing.assert_close(out2, (1 + y) * torch.nn.functional.silu(gate) * 0.5)
 
 
-def test_delta_channel_sum_is_the_same_for_any_thread_count():
-    x = _scan_inputs(5, b=3, e=50, l=40)  # 50 channels: groups of 16 that do not divide the rows evenly
+def test_delta_sum_out_is_the_same_for_any_thread_count():
+    x = scan_inputs(3, 50, 40, 16, seed=5, layout="channel_major")  # 50 channels: groups of 16 that do not divide the rows evenly
     sums = []
     for threads in (1, 2, 3):
         old = torch.get_num_threads()
@@ -299,11 +310,11 @@ def test_delta_channel_sum_is_the_same_for_any_thread_count():
         try:
             s = torch.zeros(3, 40)
             with torch.no_grad():
-                selective_scan_cpu(**x, delta_softplus=True, delta_channel_sum=s)
-                selective_scan_cpu(**x, delta_softplus=True, reverse=True, delta_channel_sum=s)
+                selective_scan_cpu(**x, delta_softplus=True, delta_sum_out=s)
+                selective_scan_cpu(**x, delta_softplus=True, reverse=True, delta_sum_out=s)
             s2 = torch.zeros(3, 40)
-            scan_delta_cpu(x["delta"], x["delta_bias"], channel_sum=s2)
-            scan_delta_cpu(x["delta"], x["delta_bias"], channel_sum=s2)
+            scan_delta_cpu(x["delta"], x["delta_bias"], delta_sum_out=s2)
+            scan_delta_cpu(x["delta"], x["delta_bias"], delta_sum_out=s2)
         finally:
             torch.set_num_threads(old)
         sums.append(s)
@@ -311,38 +322,40 @@ def test_delta_channel_sum_is_the_same_for_any_thread_count():
     assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
     d = torch.nn.functional.softplus(x["delta"] + x["delta_bias"][:, None])
     torch.testing.assert_close(sums[0], 2 * d.sum(1), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="delta_channel_sum"):
-        selective_scan_cpu(**x, delta_channel_sum=torch.zeros(3, 41))
+    with pytest.raises(ValueError, match="delta_sum_out"):
+        selective_scan_cpu(**x, delta_sum_out=torch.zeros(3, 41))
 
 
 # ------------------------------------------------------------------------------ residual add + norm
 def test_add_rmsnorm_matches_torch_and_has_gradients():
-    from vimtr.ops.norm_cpu import add_rmsnorm_cpu, add_rmsnorm_ref
+    from vimtr.ops import add_rms_norm_ref
+    from vimtr.ops.cpu import add_rms_norm_cpu
     g = torch.Generator().manual_seed(6)
     h, r, w = torch.randn(2, 7, 24, generator=g), torch.randn(2, 7, 24, generator=g), torch.randn(24, generator=g)
     for res in (r, None):
-        got, want = add_rmsnorm_cpu(h, res, w, 1e-5), add_rmsnorm_ref(h, res, w, 1e-5)
+        got, want = add_rms_norm_cpu(h, res, w, 1e-5), add_rms_norm_ref(h, res, w, 1e-5)
         assert torch.equal(got[0], want[0])
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     ins = [t.clone().requires_grad_() for t in (h, r, w)]
     ref = [t.clone().requires_grad_() for t in (h, r, w)]
-    for fn, args in ((add_rmsnorm_cpu, ins), (add_rmsnorm_ref, ref)):
+    for fn, args in ((add_rms_norm_cpu, ins), (add_rms_norm_ref, ref)):
         a, b = fn(*args, 1e-5)
         (a.sum() + (b * torch.linspace(-1, 1, b.numel()).view_as(b)).sum()).backward()
     for x, y in zip(ins, ref):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5)
-    assert add_rmsnorm_cpu(h.double(), None, w.double(), 1e-5)[1].dtype == torch.float64  # torch fallback
+    assert add_rms_norm_cpu(h.double(), None, w.double(), 1e-5)[1].dtype == torch.float64  # torch fallback
 
 
 @pytest.mark.parametrize("only", [0, 1, 2])
 def test_add_rmsnorm_gradients_when_one_input_trains(only):
     """A frozen layer below: only the norm weight (or only one stream) needs a gradient; the residual output
     then does not depend on what trains and must not break the backward."""
-    from vimtr.ops.norm_cpu import add_rmsnorm_cpu, add_rmsnorm_ref
+    from vimtr.ops import add_rms_norm_ref
+    from vimtr.ops.cpu import add_rms_norm_cpu
     g = torch.Generator().manual_seed(7)
     base = [torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g), torch.randn(16, generator=g)]
     grads = []
-    for fn in (add_rmsnorm_cpu, add_rmsnorm_ref):
+    for fn in (add_rms_norm_cpu, add_rms_norm_ref):
         args = [t.clone().requires_grad_(i == only) for i, t in enumerate(base)]
         res, normed = fn(*args, 1e-5)
         (res.sum() + (normed * torch.linspace(-1, 1, normed.numel()).view_as(normed)).sum()).backward()
@@ -350,9 +363,7 @@ def test_add_rmsnorm_gradients_when_one_input_trains(only):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
-def test_conv_bidir_reference_backward_when_one_direction_trains(monkeypatch):
-    import vimtr.ops.conv_cpu as conv_cpu
-    monkeypatch.setattr(conv_cpu, "KERNEL_BACKWARD", False)
+def test_conv_bidir_backward_when_one_direction_trains():
     g = torch.Generator().manual_seed(8)
     args = [torch.randn(2, 4, 9, generator=g), torch.randn(4, 1, 4, generator=g), torch.randn(4, generator=g),
             torch.randn(4, 1, 4, generator=g), torch.randn(4, generator=g)]
@@ -389,3 +400,19 @@ def test_reduced_model_with_frozen_first_blocks_trains_on_the_cpu_path():
     for name, want in grads[0].items():
         torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()),
                                    msg=name)
+
+
+def test_cpu_autocast_takes_the_reference_mixer_and_agrees():
+    """Under CPU autocast (vimtr bench --dtype bf16, eval --amp bf16 on CPU) the mixer's matmuls run in bf16,
+    which the float32 kernels cannot take: the dispatch sends it to the reference path, whose logits then
+    agree with fp32 to bf16's precision."""
+    import vimtr
+    torch.manual_seed(0)
+    model = vimtr.create_model("vim_tiny", depth=2, embed_dim=32, img_size=32, patch_size=8, num_classes=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)

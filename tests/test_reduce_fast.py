@@ -123,14 +123,16 @@ def test_compiled_ordered_plan_equals_torch_ops_with_ties(cls_index, L):
 
 # ---------------------------------------------------------------- a merge folded into the next block's add + RMSNorm
 def _pending(plan, cls_index, B, L, weight):
-    from vimtr.reduction.merge import PendingMerge
-    return PendingMerge(_FlatPlan.of(plan, cls_index, B, L, "cpu"), weight)
+    """The step's row map, as apply_to_state hands it to the next block (factors in float32)."""
+    from vimtr.reduction.merge import row_map
+    return row_map(_FlatPlan.of(plan, cls_index, B, L, "cpu"), weight, torch.empty(0))
 
 
 @pytest.mark.parametrize("cls_index", [None, 0, 4])
 @pytest.mark.parametrize("merges", [True, False])
 def test_fused_merge_add_rmsnorm_equals_merging_each_stream_first(cls_index, merges):
-    from vimtr.ops.norm_cpu import add_rmsnorm_cpu, add_rmsnorm_ref
+    from vimtr.ops import add_rms_norm_ref
+    from vimtr.ops.cpu import add_rms_norm_cpu
     g = torch.Generator().manual_seed(11)
     B, L, D = 2, 10, 24
     hidden, residual = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g) * 3
@@ -145,8 +147,8 @@ def test_fused_merge_add_rmsnorm_equals_merging_each_stream_first(cls_index, mer
     for w in (sizes[:, :hidden.shape[1]], weight, None):
         merge = _pending(plan, cls_index, B, hidden.shape[1], w)
         w_norm = torch.rand(D, generator=g) + 0.5
-        r_fused, n_fused = add_rmsnorm_cpu(hidden, residual, w_norm, 1e-5, merge=merge)
-        r_ref, n_ref = add_rmsnorm_ref(merge.apply(hidden), merge.apply(residual), w_norm, 1e-5)
+        r_fused, n_fused = add_rms_norm_cpu(hidden, residual, w_norm, 1e-5, row_map=merge)
+        r_ref, n_ref = add_rms_norm_ref(merge.apply(hidden), merge.apply(residual), w_norm, 1e-5)
         assert r_fused.shape == r_ref.shape == (B, keep.shape[1] + (cls_index is not None), D)
         torch.testing.assert_close(r_fused, r_ref, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(n_fused, n_ref, rtol=1e-6, atol=1e-5)
@@ -155,18 +157,19 @@ def test_fused_merge_add_rmsnorm_equals_merging_each_stream_first(cls_index, mer
 
 
 def test_fused_merge_falls_back_to_the_eager_merge_where_gradients_flow():
-    from vimtr.ops.norm_cpu import add_rmsnorm_cpu, add_rmsnorm_ref
+    from vimtr.ops import add_rms_norm_ref
+    from vimtr.ops.cpu import add_rms_norm_cpu
     g = torch.Generator().manual_seed(12)
     hidden = torch.randn(1, 9, 8, generator=g, requires_grad=True)
     residual = torch.randn(1, 9, 8, generator=g)
     plan = Plan(keep=torch.tensor([[0, 2, 3, 5, 7, 8]]), src=torch.tensor([[1, 4, 6]]), dst=torch.tensor([[0, 3, 3]]))
     merge = _pending(plan, None, 1, 9, None)
     w = torch.ones(8)
-    r1, n1 = add_rmsnorm_cpu(hidden, residual, w, 1e-5, merge=merge)
-    r2, n2 = add_rmsnorm_cpu(merge.apply(hidden), merge.apply(residual), w, 1e-5)
+    r1, n1 = add_rms_norm_cpu(hidden, residual, w, 1e-5, row_map=merge)
+    r2, n2 = add_rms_norm_cpu(merge.apply(hidden), merge.apply(residual), w, 1e-5)
     assert torch.equal(r1, r2) and torch.equal(n1, n2)
     (g1,) = torch.autograd.grad(n1.sum(), hidden)
-    (g2,) = torch.autograd.grad(add_rmsnorm_ref(merge.apply(hidden), merge.apply(residual), w, 1e-5)[1].sum(), hidden)
+    (g2,) = torch.autograd.grad(add_rms_norm_ref(merge.apply(hidden), merge.apply(residual), w, 1e-5)[1].sum(), hidden)
     torch.testing.assert_close(g1, g2)
 
 
@@ -205,3 +208,32 @@ def test_a_pending_merge_reports_the_reduced_length_and_materialises():
     assert lazy.length == eager.length == 6 and lazy.hidden is h
     lazy.materialise()
     assert lazy.pending is None and torch.equal(lazy.hidden, eager.hidden) and torch.equal(lazy.residual, eager.residual)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_reducer_asks_the_next_mixer_for_what_it_reads(backend, one_thread):
+    """MTR asks (TokenState.requests) for Δ's channel sums only, R-MeeTo (Δ metric) for everything; the
+    mixer before each reduction step exposes exactly that, on every backend, and no other mixer anything."""
+    import vimtr
+    from vimtr.ops import scan_backend
+    torch.manual_seed(0)
+    model = vimtr.create_model("vim_tiny", depth=4, img_size=32, patch_size=8, embed_dim=32).eval()
+    seen = []
+    for method, params in (("mtr", {"r": 3}), ("rmeeto", {"r": 3, "metric": "delta"})):
+        vimtr.reduce(model, method, interval=2, **params)
+        reducer = model.reducer
+
+        def spy(i, state, reducer=reducer):
+            if state.aux:
+                seen.append((method, i, frozenset(state.aux)))
+            state = reducer(i, state)
+            return state
+
+        spy.finish = reducer.finish
+        model.reducer = spy
+        with torch.no_grad(), scan_backend(backend):
+            model(torch.randn(2, 3, 32, 32))
+        vimtr.restore(model)
+    assert seen == [("mtr", 2, frozenset({"delta_sum", "delta_channels"})),
+                    ("rmeeto", 2, frozenset({"delta_f", "delta_b", "B_f", "B_b", "C_f", "C_b", "delta_sum",
+                                             "delta_channels"}))]

@@ -19,7 +19,7 @@ count_flops = sys.modules["vimtr.flops"].flops
 
 METHODS = list_methods()
 # Methods whose every patch ends up in exactly one token (no pruning) with their default parameters.
-MERGING = {"mtr", "rmeeto", "tome", "evit"}
+MERGING = {"mtr", "rmeeto", "tome", "evit", "pumer"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -115,7 +115,7 @@ def test_gradients_reach_every_merged_token_and_no_pruned_one(method):
     model, out = one_step(method, 8, hidden)
     out.hidden.sum().backward()
     reached = hidden.grad.abs().sum(-1) > 0  # (B, L)
-    pruned = {"utr": 8 - 8 // 2, "random": 8, "positional": 8}.get(method, 0)  # UTR: half of r merged (ToR_SSM's r // 2)
+    pruned = {"utr": 8 - 8 // 2, "random": 8, "hsa": 8, "positional": 8}.get(method, 0)  # UTR: half of r merged (ToR_SSM's r // 2)
     assert reached.sum(1).tolist() == [65 - pruned] * 2
 
 
@@ -238,7 +238,11 @@ def test_unknown_parameter_lists_the_valid_ones(method):
 
 @pytest.mark.parametrize("method,params", [("evit", {"score": "attn"}), ("evit", {"fuse": 1}),
                                            ("utr", {"prune_ratio": 1.5}), ("utr", {"feature": "x"}),
-                                           ("utr", {"residual": "prune"}), ("random", {"seed": 0.5})])
+                                           ("utr", {"residual": "prune"}), ("random", {"seed": 0.5}),
+                                           ("pumer", {"metric": "keys"}), ("pumer", {"ordered": 1}),
+                                           ("pumer", {"weighted": "no"}), ("pumer", {"pairing": "sorted"}),
+                                           ("hsa", {"score": "attn"}), ("hsa", {"mirror": 0}),
+                                           ("hsa", {"cls_position": "first"})])
 def test_bad_parameter_values(method, params):
     with pytest.raises(ValueError, match=method):
         reduce(tiny(), method, r=2, **params)
@@ -310,3 +314,92 @@ def test_flops_reduction_lands_on_target(full_size_models, name, method):
         assert model.reducer.lengths[-1] < model.reducer.num_tokens
     restore(model)
     assert count_flops(model) == base
+
+
+# --------------------------------------------------------------------------------------------- MTR's ablations
+def ablation_state(seed=0, B=2, T=64, C=16, N=8):
+    """A reduction step's input with every aux key a score can read (class token in the middle)."""
+    g = torch.Generator().manual_seed(seed)
+    L = T + 1
+    aux = {"delta_f": torch.rand(B, 2 * C, L, generator=g), "delta_b": torch.rand(B, 2 * C, L, generator=g)}
+    for k in ("B_f", "B_b", "C_f", "C_b"):
+        aux[k] = torch.randn(B, L, N, generator=g)
+    return (torch.randn(B, L, C, generator=g), torch.randn(B, L, C, generator=g), aux)
+
+
+def expected_score(score, hidden, aux, c):
+    """The ablation scores written out independently, class token removed (B, T)."""
+    if score == "delta":
+        s = (aux["delta_f"] + aux["delta_b"]).mean(1)
+    elif score in ("B", "C"):
+        s = aux[f"{score}_f"].norm(dim=-1) + aux[f"{score}_b"].norm(dim=-1)
+    else:
+        s = torch.nn.functional.cosine_similarity(hidden, hidden[:, c:c + 1], dim=-1)
+    return torch.cat((s[:, :c], s[:, c + 1:]), dim=1)
+
+
+@pytest.mark.parametrize("score", ["delta", "B", "C", "cls"])
+@pytest.mark.parametrize("order", [True, False])
+def test_mtr_score_picks_the_least_important_as_sources(score, order):
+    """Whatever the score, the r least important tokens are merged away; with order=False the survivors come
+    in descending importance, otherwise in their original order."""
+    hidden, residual, aux = ablation_state()
+    model = tiny()
+    reduce(model, "mtr", r=6, score=score, order=order)
+    reducer = model.reducer
+    c = model.initial_cls_index
+    state = TokenState(hidden=hidden, residual=residual, cls_index=c, sizes=torch.ones(2, 65, 1), aux=aux)
+    plan = reducer.plan(2, state, 6)
+    s = expected_score(score, hidden, aux, c)
+    least = s.argsort(dim=1)[:, :6]
+    for b in range(2):
+        assert set(plan.src[b].tolist()) == set(least[b].tolist())
+    kept_scores = s.gather(1, plan.keep)
+    if order:
+        assert (plan.keep[:, 1:] > plan.keep[:, :-1]).all()
+    else:
+        assert (kept_scores[:, 1:] <= kept_scores[:, :-1]).all()
+        assert not (plan.keep[:, 1:] > plan.keep[:, :-1]).all()  # random scores: not sorted by position
+    assert plan.cls_pos == c * (65 - 6) // 65
+
+
+def test_mtr_order_false_merges_the_same_groups_only_laid_out_differently():
+    hidden, residual, aux = ablation_state(seed=4)
+    c = tiny().initial_cls_index
+
+    def run(order):
+        model = tiny()
+        reduce(model, "mtr", r=7, order=order)
+        model.reducer(0, TokenState(hidden=torch.zeros_like(hidden), residual=None, cls_index=c))
+        model.reducer.trace_source = True
+        state = TokenState(hidden=hidden.clone(), residual=residual.clone(), cls_index=c,
+                           sizes=torch.ones(2, 65, 1), aux=aux)
+        state.source = model.reducer._initial_source(state)
+        return model.reducer(2, state)
+
+    a, b = run(True), run(False)
+    assert a.length == b.length == 58 and a.cls_index == b.cls_index
+    for i in range(2):
+        rows_a = {tuple(r.nonzero().flatten().tolist()): v for r, v in zip(a.source[i], a.hidden[i])}
+        rows_b = {tuple(r.nonzero().flatten().tolist()): v for r, v in zip(b.source[i], b.hidden[i])}
+        assert rows_a.keys() == rows_b.keys()  # the same groups of patches (the class token's is empty)
+        for k in rows_a:
+            torch.testing.assert_close(rows_a[k], rows_b[k])
+    assert not torch.equal(a.source, b.source)  # but in another order
+
+
+@pytest.mark.parametrize("params,match", [({"score": "attn"}, "score must be one of"),
+                                          ({"order": "yes"}, "order must be"),
+                                          ({"score": "B", "pool": "channel_max"}, "channel_max"),
+                                          ({"keep_ratio": 1.0}, "keep_ratio")])
+def test_mtr_bad_ablation_values(params, match):
+    with pytest.raises(ValueError, match=match):
+        reduce(tiny(), "mtr", r=2, **params)
+
+
+def test_mtr_cls_score_reads_no_aux_and_b_c_read_only_their_keys():
+    model = tiny()
+    for score, keys in (("cls", set()), ("B", {"B_f", "B_b"}), ("C", {"C_f", "C_b"})):
+        reduce(model, "mtr", r=2, interval=1, score=score)
+        wanted = model.reducer.requests(1)
+        assert set(wanted) == keys, (score, wanted)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import vimtr
 from vimtr.models.token_state import TokenState
 from vimtr.reduction import list_methods, reduce, restore
-from vimtr.reduction.merge import Plan, apply_plan, apply_to_state, bipartite_plan, importance_plan
+from vimtr.reduction.merge import Plan, apply_plan, apply_to_state, bipartite_plan, importance_plan, split_cls
 
 METHODS = list_methods()
 PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -23,34 +23,51 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 # Parameter variants worth exploring per method (the first is the default).
 VARIANTS = {
-    "mtr": [{}, {"prune": True}, {"keep_ratio": 0.0, "weighted": True}],
+    "mtr": [{}, {"prune": True}, {"keep_ratio": 0.0, "weighted": True}, {"score": "B"}, {"score": "C"},
+            {"score": "cls"}, {"order": False}, {"score": "cls", "order": False, "prune": True}],
     "rmeeto": [{}, {"ordered": False}, {"prune": True}],
-    "tome": [{}],
+    "tome": [{}, {"order": "score"}, {"cls_in_matching": True}, {"cls_in_matching": True, "order": "score"}],
     "evit": [{}, {"fuse": False}, {"score": "clip"}],
     "utr": [{}, {"prune_ratio": 0.0}, {"prune_ratio": 1.0, "feature": "hidden"}, {"residual": "hybrid"}],
     "random": [{}, {"seed": 7}],
+    "pumer": [{}, {"metric": "hidden"}, {"ordered": False}, {"weighted": True, "pairing": "released"}],
+    "hsa": [{}, {"score": "raw", "mirror": True}, {"score": "l2", "cls_position": "middle"}, {"score": "l1"}],
+    "positional": [{}, {"cls": "proportional"}, {"pattern": "stride", "cls": "proportional"}],
 }
 
 
-def cap(method, length):
+def cap(method, length, params=None):
     """Tokens one step may remove: bipartite methods at most (L−1)//2 (each merged A token needs its own
-    B token); the others keep the class token and one patch."""
-    return (length - 1) // 2 if method in ("rmeeto", "tome", "utr") else length - 2
+    B token); the others keep the class token and one patch. ToMe with the class token in its matching
+    leaves a 3-token sequence alone (its class token may be the only B token)."""
+    if method == "tome" and (params or {}).get("cls_in_matching") and length < 4:
+        return 0
+    return (length - 1) // 2 if method in ("rmeeto", "tome", "utr", "pumer") else length - 2
+
+
+def tome_own_cls(params):
+    return bool(params.get("cls_in_matching"))
+
+
+def needs_first_cls(method, params):
+    """ToMe's own class-token rule with index order is defined for a class token at index 0 only."""
+    return method == "tome" and tome_own_cls(params) and params.get("order", "index") == "index"
 
 
 def unordered(method, params):
-    return method == "tome" or (method == "rmeeto" and not params.get("ordered", True))
+    return method == "tome" or (method in ("rmeeto", "pumer") and not params.get("ordered", True))
 
 
 def prunes(method, params):
     """Does this variant drop patches (so a patch may appear in no final token)?"""
     return ((method == "mtr" and params.get("prune")) or (method == "rmeeto" and params.get("prune"))
             or (method == "evit" and not params.get("fuse", True))
-            or (method == "utr" and params.get("prune_ratio", 0.5) > 0) or method == "random")
+            or (method == "utr" and params.get("prune_ratio", 0.5) > 0) or method in ("random", "hsa", "positional"))
 
 
 def keeps_order(method, params):
-    return not unordered(method, params)
+    """Survivors in their original order (MTR's order=False lays them out by importance instead)."""
+    return not unordered(method, params) and not (method == "mtr" and params.get("order") is False)
 
 
 def expected_trace(method, params, length, cls, r):
@@ -58,7 +75,19 @@ def expected_trace(method, params, length, cls, r):
     tokens, cls_index = [], []
     for ri in r:
         if ri:
-            if unordered(method, params):  # R-MeeTo's unordered rule: among the |A| = ceil(T/2) A tokens
+            if method == "tome" and tome_own_cls(params):  # ToMe's: the class token is in the even/odd split
+                n_a = (length + 1) // 2  # even positions of the whole sequence
+                if params.get("order", "index") == "index":
+                    assert cls == 0  # the only class-token place this rule accepts: it stays first
+                elif cls % 2 == 0:  # an A token with a −inf score: the last unmerged A token
+                    cls = n_a - ri - 1
+                else:  # a B token: stays in the B block, behind the unmerged A tokens
+                    cls = (n_a - ri) + cls // 2
+            elif method == "hsa" and params.get("cls_position") == "middle":  # the middle of the survivors
+                cls = (length - 1 - ri) // 2
+            elif method == "positional" and params.get("cls", "order") == "order":  # the first r patches go:
+                cls -= min(ri, cls)  # the class token moves down by those that were before it
+            elif unordered(method, params):  # R-MeeTo's unordered rule: among the |A| = ceil(T/2) A tokens
                 n_a = length // 2
                 cls = cls * (n_a - ri) // n_a
             else:  # floor(pos·(L−r)/L)
@@ -88,7 +117,12 @@ def models(draw):
     return vimtr.create_model(**kw, **common).eval()
 
 
-def draw_schedule(data, method, depth, length):
+def variants_for(model, method):
+    """The method's variants this model accepts (ToMe's own class-token rule needs it at index 0)."""
+    return [v for v in VARIANTS[method] if not (needs_first_cls(method, v) and model.initial_cls_index != 0)]
+
+
+def draw_schedule(data, method, depth, length, params=None):
     """Either ``(r, interval, odd)`` (int r at the R-MeeTo blocks) or a per-block list, always feasible."""
     if data.draw(st.booleans(), label="int schedule"):
         interval, odd = data.draw(st.integers(1, 3), label="interval"), data.draw(st.booleans(), label="odd")
@@ -97,7 +131,7 @@ def draw_schedule(data, method, depth, length):
         def fits(r):
             L = length
             for i in blocks:
-                if r > cap(method, L):
+                if r > cap(method, L, params):
                     return False
                 L -= r
             return True
@@ -109,7 +143,7 @@ def draw_schedule(data, method, depth, length):
         return dict(r=r, interval=interval, odd=odd), [r if i in blocks else 0 for i in range(depth)]
     r, L = [0], length
     for _ in range(1, depth):
-        ri = data.draw(st.integers(0, max(cap(method, L), 0)), label="r_i")
+        ri = data.draw(st.integers(0, max(cap(method, L, params), 0)), label="r_i")
         r.append(ri)
         L -= ri
     return dict(r=r), r
@@ -119,11 +153,11 @@ def draw_schedule(data, method, depth, length):
 @PROPS
 @given(model=models(), method=st.sampled_from(METHODS), data=st.data())
 def test_schedule_class_token_sources_order_and_restore(model, method, data):
-    params = data.draw(st.sampled_from(VARIANTS[method]), label="params")
+    params = data.draw(st.sampled_from(variants_for(model, method)), label="params")
     batch = data.draw(st.integers(1, 3), label="batch")
     L0 = model.num_tokens if hasattr(model, "num_tokens") else model.num_patches + 1
     P, cls0 = L0 - 1, model.initial_cls_index
-    sched, r = draw_schedule(data, method, len(model.layers), L0)
+    sched, r = draw_schedule(data, method, len(model.layers), L0, params)
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="input seed"))
     x = torch.randn(batch, *model.input_size, generator=g)
     with torch.no_grad():
@@ -167,9 +201,9 @@ def test_schedule_class_token_sources_order_and_restore(model, method, data):
 @given(model=models(), method=st.sampled_from(METHODS), data=st.data())
 def test_planned_lengths_follow_the_schedule(model, method, data):
     """Without a forward: the reducer's planned lengths and applied r are the schedule's."""
-    params = data.draw(st.sampled_from(VARIANTS[method]), label="params")
+    params = data.draw(st.sampled_from(variants_for(model, method)), label="params")
     L0 = model.num_tokens if hasattr(model, "num_tokens") else model.num_patches + 1
-    sched, r = draw_schedule(data, method, len(model.layers), L0)
+    sched, r = draw_schedule(data, method, len(model.layers), L0, params)
     reduce(model, method, **sched, **params)
     assert model.reducer.lengths == expected_trace(method, params, L0, model.initial_cls_index, r)[0]
     assert model.reducer.applied == r
@@ -192,11 +226,14 @@ def synthetic_state(batch, length, cls_index, channels, equal=False, seed=0):
         sizes[:, cls_index] = 1
     E = 2 * channels
     aux = {"delta_f": torch.rand(batch, E, length, generator=g), "delta_b": torch.rand(batch, E, length, generator=g)}
+    for key in ("B_f", "B_b", "C_f", "C_b"):  # what MTR's B/C ablation scores read
+        aux[key] = torch.randn(batch, length, 4, generator=g)
     return TokenState(hidden=hidden, residual=residual, cls_index=cls_index, sizes=sizes, aux=aux)
 
 
 def reducer_for(method, params, channels=8, depth=3):
-    model = vimtr.create_model("vim_tiny", depth=depth, embed_dim=channels, d_state=4, img_size=16, patch_size=4)
+    name = "videomamba_tiny" if needs_first_cls(method, params) else "vim_tiny"
+    model = vimtr.create_model(name, depth=depth, embed_dim=channels, d_state=4, img_size=16, patch_size=4)
     reduce(model, method, r=[0] * depth, **params)
     return model.reducer
 
@@ -205,9 +242,9 @@ def reducer_for(method, params, channels=8, depth=3):
 def plan_cases(draw):
     method = draw(st.sampled_from(METHODS))
     params = draw(st.sampled_from(VARIANTS[method]))
-    length = draw(st.integers(3, 40))
-    cls_index = draw(st.integers(0, length - 1))
-    r = draw(st.integers(1, cap(method, length)))  # length >= 3: every method can remove one
+    length = draw(st.integers(4 if tome_own_cls(params) else 3, 40))
+    cls_index = 0 if needs_first_cls(method, params) else draw(st.integers(0, length - 1))
+    r = draw(st.integers(1, cap(method, length, params)))  # length >= 3 (4): every method can remove one
     batch = draw(st.integers(1, 3))
     return method, params, length, cls_index, r, batch
 
@@ -240,16 +277,23 @@ def test_every_method_plans_a_valid_step(case):
         assert plan.src.shape[1] == r  # every removed token is merged somewhere
     rule = expected_trace(method, params, length, cls_index, [r])[1][0]
     assert plan.cls_pos == rule
-    if method == "tome":  # ToMe's concatenation: unmerged A tokens (sorted), then every B token in order
+    if unordered(method, params) and not tome_own_cls(params):  # [unmerged A, every B in order] (ToMe, PuMer)
         n_b = T // 2
         a, b_part = plan.keep[:, : T - r - n_b], plan.keep[:, T - r - n_b:]
-        assert (a % 2 == 0).all() and (a[:, 1:] > a[:, :-1]).all()
+        assert (a % 2 == 0).all()
+        if method == "pumer" or (method == "tome" and params.get("order", "index") == "index"):
+            # unmerged A tokens by position (R-MeeTo's unordered merge and ToMe's order="score": by match score)
+            assert (a[:, 1:] > a[:, :-1]).all()
         assert torch.equal(b_part, (2 * torch.arange(n_b) + 1).expand(batch, -1))
         assert (plan.dst >= T - r - n_b).all() and (plan.src % 2 == 0).all()
     elif method == "evit" and params.get("fuse", True):  # kept tokens in order, then the fused one
         assert (plan.keep[:, 1:-1] > plan.keep[:, :-2]).all() and (plan.dst == T - r - 1).all()
     elif keeps_order(method, params):
         assert (plan.keep[:, 1:] > plan.keep[:, :-1]).all()
+    elif method == "mtr":  # order=False: survivors by descending importance
+        _, s = split_cls(reducer.score(state).unsqueeze(-1), cls_index)
+        kept = s.squeeze(-1).gather(1, plan.keep)
+        assert (kept[:, 1:] <= kept[:, :-1]).all()
 
 
 @settings(max_examples=25, deadline=None)

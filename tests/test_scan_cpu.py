@@ -1,4 +1,4 @@
-"""The fast CPU selective scan (vimtr.ops.scan_cpu) against the reference: values, gradients, bad input.
+"""The fast CPU selective scan (vimtr.ops.cpu.scan) against the reference: values, gradients, bad input.
 
 No timings here (benchmarks/scan.py has them). The first run compiles the numba kernels (a few seconds);
 numba caches them on disk for later runs.
@@ -9,30 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("numba")
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vimtr.ops import resolve_scan, scan_backend, selective_scan_fn, selective_scan_ref
-from vimtr.ops.scan_cpu import selective_scan_cpu
+from vimtr.ops.cpu import selective_scan_cpu
+
+from conftest import scan_inputs
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def _inputs(b, e, l, n, dtype=torch.float32, seed=0, channel_last=False, a_scale=1.0):
-    """Random inputs shaped like Vim's. ``channel_last`` makes u, delta and z transposed (B, L, E) views and
-    B, C slices of one (B, L, 2N) projection, as the mixer produces them (non-contiguous)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
-    if channel_last:
-        u, delta, z = (r(b, l, e).transpose(1, 2) for _ in range(3))
-        bc = r(b, l, 2 * n + 3)
-        B, C = bc[..., 3:3 + n].transpose(1, 2), bc[..., 3 + n:].transpose(1, 2)
-    else:
-        u, delta, z, B, C = r(b, e, l), r(b, e, l), r(b, e, l), r(b, n, l), r(b, n, l)
-    A = -torch.exp(r(e, n) * 0.5) * a_scale  # A = -exp(A_log) < 0, as in every Mamba
-    return {"u": u, "delta": delta * 0.5, "A": A, "B": B, "C": C, "D": r(e), "z": z, "delta_bias": r(e) * 0.5 - 1.0}
 
 
 def _close(out, ref, rtol=1e-5):
@@ -52,7 +38,7 @@ def _call(fn, x, use, **kw):
        use=st.sets(st.sampled_from(["D", "z", "delta_bias"])), softplus=st.booleans(), last=st.booleans(),
        channel_last=st.booleans(), seed=st.integers(0, 10_000))
 def test_forward_matches_reference_fp32(b, e, l, n, use, softplus, last, channel_last, seed):
-    x = _inputs(b, e, l, n, seed=seed, channel_last=channel_last)
+    x = scan_inputs(b, e, l, n, seed=seed, layout="channel_last" if channel_last else "contiguous")
     if not softplus:  # without softplus, keep Δ positive as a real Δ is (negative Δ is tested below)
         x["delta"], x["delta_bias"] = x["delta"].abs(), x["delta_bias"].abs()
     kw = {"delta_softplus": softplus, "return_last_state": last}
@@ -67,21 +53,21 @@ def test_forward_matches_reference_fp32(b, e, l, n, use, softplus, last, channel
 
 def test_forward_vim_sized_rows_match_reference():
     # The N = 16 kernel (compiled with N fixed) on Vim-like values, with Δ from softplus and the gate.
-    x = _inputs(2, 32, 197, 16, seed=1)
+    x = scan_inputs(2, 32, 197, 16, seed=1)
     _close(selective_scan_cpu(**x, delta_softplus=True), selective_scan_ref(**x, delta_softplus=True))
 
 
 @pytest.mark.parametrize("n", [16, 5])
 def test_forward_outside_mamba_domain(n):
     # A > 0 and Δ < 0 make exp(Δ·A) > 1: those rows take the kernel's general exp (no overflow here).
-    x = _inputs(2, 6, 30, n, seed=2)
+    x = scan_inputs(2, 6, 30, n, seed=2)
     x["A"] = x["A"] * torch.where(torch.rand(x["A"].shape) < 0.3, -1.0, 1.0) * 0.3
     x["delta"] = x["delta"] * 0.3  # mixed signs, no softplus
     _close(selective_scan_cpu(**x), selective_scan_ref(**x), rtol=2e-5)
 
 
 def test_forward_non_finite_values_propagate_like_reference():
-    x = _inputs(2, 4, 20, 16, seed=3)
+    x = scan_inputs(2, 4, 20, 16, seed=3)
     x["u"][0, 1, 5] = float("nan")
     x["delta"][1, 2, 7] = float("inf")
     x["A"][3, 4] = float("nan")
@@ -94,7 +80,7 @@ def test_forward_non_finite_values_propagate_like_reference():
 
 def test_forward_overflow_gives_inf_like_reference():
     # exp(Δ·A) overflows float32: the reference's states become inf; so must ours (not a large finite number).
-    x = _inputs(1, 2, 6, 16, seed=4)
+    x = scan_inputs(1, 2, 6, 16, seed=4)
     x["A"] = x["A"].abs() * 60.0
     x["delta"] = torch.full_like(x["delta"], 2.0)
     got = selective_scan_cpu(x["u"], x["delta"], x["A"], x["B"], x["C"], return_last_state=True)[1]
@@ -104,7 +90,7 @@ def test_forward_overflow_gives_inf_like_reference():
 
 
 def test_forward_large_negative_decay_underflows_to_zero():
-    x = _inputs(1, 3, 10, 16, seed=5)
+    x = scan_inputs(1, 3, 10, 16, seed=5)
     x["A"] = x["A"] * 1e4  # exp(Δ·A) far below the smallest float32
     _close(selective_scan_cpu(**x, delta_softplus=True), selective_scan_ref(**x, delta_softplus=True))
 
@@ -112,7 +98,7 @@ def test_forward_large_negative_decay_underflows_to_zero():
 @pytest.mark.parametrize("shape", [(0, 4, 5, 16), (2, 0, 5, 16), (2, 4, 0, 16), (2, 4, 5, 0)])
 def test_forward_empty_shapes(shape):
     b, e, l, n = shape
-    x = _inputs(b, e, l, n)
+    x = scan_inputs(b, e, l, n)
     got, got_last = selective_scan_cpu(**x, delta_softplus=True, return_last_state=True)
     ref, ref_last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
     assert got.shape == ref.shape and got_last.shape == ref_last.shape
@@ -121,7 +107,7 @@ def test_forward_empty_shapes(shape):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_upcast(dtype):
-    x = {k: v.to(dtype) for k, v in _inputs(2, 8, 25, 16, seed=6).items()}
+    x = {k: v.to(dtype) for k, v in scan_inputs(2, 8, 25, 16, seed=6).items()}
     got = selective_scan_cpu(**x, delta_softplus=True)
     ref = selective_scan_ref(**x, delta_softplus=True)  # also computes in float32 and casts back
     assert got.dtype == dtype
@@ -129,7 +115,7 @@ def test_half_precision_is_upcast(dtype):
 
 
 def test_float64_is_computed_in_float64():
-    x = _inputs(2, 5, 30, 16, dtype=torch.float64, seed=7)
+    x = scan_inputs(2, 5, 30, 16, dtype=torch.float64, seed=7)
     got = selective_scan_cpu(**x, delta_softplus=True)
     assert got.dtype == torch.float64
     # the reference computes in float32 whatever the input: compare at float32 accuracy...
@@ -146,7 +132,7 @@ def test_float64_is_computed_in_float64():
 
 
 def test_thread_count_does_not_change_the_forward():
-    x = _inputs(3, 40, 50, 16, seed=8)
+    x = scan_inputs(3, 40, 50, 16, seed=8)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -159,7 +145,7 @@ def test_thread_count_does_not_change_the_forward():
 
 
 def test_dispatch_uses_this_kernel():
-    x = _inputs(1, 4, 9, 16)
+    x = scan_inputs(1, 4, 9, 16)
     with scan_backend("cpu"):
         assert resolve_scan(torch.device("cpu"))[0] == "cpu"
         out = selective_scan_fn(**x, delta_softplus=True)
@@ -168,7 +154,7 @@ def test_dispatch_uses_this_kernel():
 
 @pytest.mark.parametrize("n,channel_last", [(16, True), (5, False)])
 def test_reverse_equals_flipped_scan(n, channel_last):
-    x = _inputs(2, 10, 23, n, seed=14, channel_last=channel_last)
+    x = scan_inputs(2, 10, 23, n, seed=14, layout="channel_last" if channel_last else "contiguous")
     got, got_last = selective_scan_cpu(**x, delta_softplus=True, return_last_state=True, reverse=True)
     flipped = {k: (v.flip(-1) if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
     ref, ref_last = selective_scan_ref(**flipped, delta_softplus=True, return_last_state=True)
@@ -177,7 +163,7 @@ def test_reverse_equals_flipped_scan(n, channel_last):
 
 
 def test_output_follows_a_transposed_inputs_layout():
-    x = _inputs(2, 12, 9, 16, seed=15, channel_last=True)  # u is a transposed (B, L, E) tensor
+    x = scan_inputs(2, 12, 9, 16, seed=15, layout="channel_last")  # u is a transposed (B, L, E) tensor
     out = selective_scan_cpu(**x, delta_softplus=True)
     assert out.transpose(1, 2).is_contiguous()
     _close(out, selective_scan_ref(**x, delta_softplus=True))
@@ -192,7 +178,7 @@ def test_output_follows_a_transposed_inputs_layout():
     (2, ("delta_bias",), True, True),
 ])
 def test_gradcheck_float64(n, use, softplus, last):
-    x = _inputs(2, 3, 5, n, dtype=torch.float64, seed=9)
+    x = scan_inputs(2, 3, 5, n, dtype=torch.float64, seed=9)
     if not softplus:
         x["delta"], x["delta_bias"] = x["delta"].abs(), x["delta_bias"].abs()
     names = [k for k in NAMES if k in ("u", "delta", "A", "B", "C") or k in use]
@@ -207,7 +193,7 @@ def test_gradcheck_float64(n, use, softplus, last):
 
 @pytest.mark.parametrize("channel_last", [False, True])
 def test_gradients_match_reference_autograd_fp32(channel_last):
-    x = _inputs(2, 12, 33, 16, seed=10, channel_last=channel_last)
+    x = scan_inputs(2, 12, 33, 16, seed=10, layout="channel_last" if channel_last else "contiguous")
     grads = []
     for fn in (selective_scan_cpu, selective_scan_ref):
         leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
@@ -223,7 +209,7 @@ def test_gradients_match_reference_autograd_fp32(channel_last):
 
 
 def test_reverse_gradients_match_flipped_reference():
-    x = _inputs(2, 6, 15, 16, seed=16, channel_last=True)
+    x = scan_inputs(2, 6, 15, 16, seed=16, layout="channel_last")
     grads = []
     for rev in (True, False):
         leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
@@ -241,7 +227,7 @@ def test_reverse_gradients_match_flipped_reference():
 
 
 def test_gradcheck_float64_reverse():
-    x = _inputs(1, 2, 5, 3, dtype=torch.float64, seed=17)
+    x = scan_inputs(1, 2, 5, 3, dtype=torch.float64, seed=17)
     names = list(NAMES)
     inputs = tuple(x[k].detach().clone().requires_grad_() for k in names)
 
@@ -253,7 +239,7 @@ def test_gradcheck_float64_reverse():
 
 
 def test_gradients_only_for_inputs_that_require_them():
-    x = _inputs(2, 4, 7, 16, seed=11)
+    x = scan_inputs(2, 4, 7, 16, seed=11)
     grads = []
     for fn in (selective_scan_cpu, selective_scan_ref):
         a = x["A"].detach().clone().requires_grad_()
@@ -263,7 +249,7 @@ def test_gradients_only_for_inputs_that_require_them():
 
 
 def test_backward_outside_mamba_domain_matches_reference():
-    x = _inputs(2, 5, 20, 16, seed=12)
+    x = scan_inputs(2, 5, 20, 16, seed=12)
     x["A"] = x["A"] * torch.where(torch.rand(x["A"].shape) < 0.3, -1.0, 1.0) * 0.3
     x["delta"] = x["delta"] * 0.3
     grads = []
@@ -277,7 +263,7 @@ def test_backward_outside_mamba_domain_matches_reference():
 
 # -------------------------------------------------------------------------------------------- bad input
 def test_rejects_non_float_and_complex_dtypes():
-    x = _inputs(1, 2, 3, 4)
+    x = scan_inputs(1, 2, 3, 4)
     with pytest.raises(TypeError, match="u must be a real floating-point"):
         selective_scan_cpu(**{**x, "u": x["u"].to(torch.int32)})
     with pytest.raises(TypeError, match="A must be a real floating-point.*complex"):
@@ -287,7 +273,7 @@ def test_rejects_non_float_and_complex_dtypes():
 
 
 def test_rejects_other_devices():
-    x = _inputs(1, 2, 3, 4)
+    x = scan_inputs(1, 2, 3, 4)
     with pytest.raises(ValueError, match="delta is on meta"):
         selective_scan_cpu(**{**x, "delta": x["delta"].to("meta")})
 
@@ -303,13 +289,13 @@ def test_rejects_other_devices():
     ("delta_bias", torch.zeros(2, 1), r"delta_bias must have shape"),
 ])
 def test_rejects_mis_shaped_inputs(name, bad, expect):
-    x = _inputs(1, 2, 3, 4)
+    x = scan_inputs(1, 2, 3, 4)
     with pytest.raises(ValueError, match=expect):
         selective_scan_cpu(**{**x, name: bad})
 
 
 def test_non_contiguous_and_expanded_inputs():
-    x = _inputs(2, 6, 11, 16, seed=13)
+    x = scan_inputs(2, 6, 11, 16, seed=13)
     # expanded (stride-0) u and a B that is every other column of a wider tensor
     x["u"] = torch.randn(1, 6, 11).expand(2, 6, 11)
     x["B"] = torch.randn(2, 16, 22)[..., ::2]

@@ -11,3 +11,11 @@ class CorruptImageError(UsageError):
 
 class CorruptImageWarning(UserWarning):
     """An image file that cannot be decoded was skipped (``--on-corrupt skip``)."""
+
+
+class CorruptVideoError(UsageError):
+    """A video file or frame folder that cannot be decoded (``--on-corrupt fail``)."""
+
+
+class CorruptVideoWarning(UserWarning):
+    """A video that cannot be decoded was skipped (``--on-corrupt skip``)."""

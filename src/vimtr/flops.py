@@ -12,6 +12,14 @@ multiply-accumulate as one operation, as both source papers do):
   and each method's own reduction cost. Default; used to derive schedules from ``flops_reduction``.
 - ``"fvcore"``: what fvcore counts for VideoMamba's published figures (the fused Mamba op is opaque):
   in_proj, out_proj, patch embedding and head only. Reproduces VideoMamba-Ti/S/M/B 1.07/4.24/12.64/16.85 G.
+
+Video models (one clip of T frames, 1 + T·HW tokens): the same terms over the clip's tokens. ``"rmeeto"``
+is then R-MeeTo's video counter (``video_task/utils/calc_flops.get_flops``, forward hooks): the Conv3d
+patch embedding over its T·HW outputs (no class token), and each merge event's cost with the requested
+``r`` (its ``num_prune``). It reproduces the K400 table's VideoMamba-S r=88 (30.99 G); the table's M
+(67.11 G) leaves the merge cost out and its Ti (9.44 G) matches neither reading (9.49 / 8.05 G), see
+docs/video.md. ``"fvcore"`` on a video model is VideoMamba's fvcore count of one clip (one view: multiply
+by clips × crops for its multi-view test).
 """
 from __future__ import annotations
 
@@ -49,11 +57,16 @@ def count_flops(model, lengths=None, applied=None, reducer=None, convention: str
         reducer = reducer if reducer is not None else model.reducer
         lengths = reducer.lengths if reducer is not None else [L0] * depth
         applied = reducer.applied if reducer is not None else [0] * depth
-    total = (L0 if convention == "rmeeto" else d["P"]) * d["C"] * d["kernel"] + d["C"] * d["classes"]
+    video = hasattr(model, "temporal_pos_embedding")
+    # R-MeeTo's image counter is analytic (patch embedding over all L0 tokens); its video counter hooks the
+    # Conv3d (T·HW outputs) and charges each merge event its requested r (num_prune), capped or not.
+    embed_tokens = L0 if convention == "rmeeto" and not video else d["P"]
+    total = embed_tokens * d["C"] * d["kernel"] + d["C"] * d["classes"]
+    requested = getattr(reducer, "r", None) if convention == "rmeeto" and video else None
     before = L0
-    for n, r in zip(lengths, applied):
+    for i, (n, r) in enumerate(zip(lengths, applied)):
         if r and reducer is not None and convention != "fvcore":
-            total += reducer.overhead_macs(before, r)
+            total += reducer.overhead_macs(before, requested[i] if requested else r)
         total += _block(n, d, 1 if convention == "rmeeto" else 2, convention == "fvcore")
         before = n
     return float(total)

@@ -13,6 +13,7 @@ import contextlib
 import random
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +29,16 @@ ON_CORRUPT = ("skip", "fail")
 LAYOUT_HINT = ("an ImageFolder: one sub-folder per class holding its images, e.g. ImageNet's "
                "val/n01440764/ILSVRC2012_val_00000293.JPEG (or a folder with train/ and val/ inside), "
                "or 'digits' / 'digits-clutter' for the built-in datasets")
+
+
+class Skipped(NamedTuple):
+    """What a dataset returns for an unreadable file under ``on_corrupt="skip"``: the loaders drop it from
+    the batch and report the file by name (:func:`collate_skip`)."""
+    path: str
+
+
+def is_skipped(item) -> bool:
+    return item is None or isinstance(item, Skipped)
 
 
 class SafeImageFolder(ImageFolder):
@@ -49,7 +60,7 @@ class SafeImageFolder(ImageFolder):
                 raise CorruptImageError(f"{msg}; replace or delete the file, or pass --on-corrupt skip to skip "
                                         f"and count unreadable images") from None
             warnings.warn(f"{msg}; skipped", CorruptImageWarning, stacklevel=2)
-            return None
+            return Skipped(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, target
@@ -118,9 +129,10 @@ def check_classes(model, dataset, what: str = "dataset"):
 
 
 def check_image_model(model, dataset):
-    """Folder images are RGB and normalised with ImageNet's mean/std: a 3-channel model is needed."""
+    """Folder images load as RGB: a model of other channels needs a transform that converts them
+    (``eval_transform`` does: its ``channels``)."""
     in_chans = model.input_size[0]
-    if isinstance(dataset, ImageFolder) and in_chans != 3:
+    if isinstance(dataset, ImageFolder) and in_chans != 3 and getattr(dataset.transform, "channels", 3) != in_chans:
         raise UsageError(f"image folder {dataset.root!r} gives RGB images but the model takes {in_chans}-channel "
                          f"input; use a 3-channel model (or a tensor dataset such as 'digits' for 1-channel models)")
 
@@ -139,9 +151,12 @@ def fraction_subset(dataset, fraction: float, seed: int) -> Dataset:
 
 # ---------------------------------------------------------------------------------------------- batching
 def collate_skip(batch):
-    """Default collate over the readable samples; returns (images, targets, number skipped)."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
+    """Default collate over the readable samples; returns (inputs, targets, names of the skipped files).
+
+    A dataset marks an unreadable file with :class:`Skipped` (``None`` is accepted too, named
+    ``"<unnamed>"``)."""
+    good = [b for b in batch if not is_skipped(b)]
+    skipped = [b.path if isinstance(b, Skipped) else "<unnamed>" for b in batch if is_skipped(b)]
     if not good:
         return None, None, skipped
     images, targets = default_collate(good)[:2]
@@ -149,10 +164,11 @@ def collate_skip(batch):
 
 
 def unpack(batch):
-    """(images, targets, skipped) from a ``collate_skip`` batch or a plain (images, targets) one."""
+    """(inputs, targets, skipped file names) from a ``collate_skip`` batch or a plain (inputs, targets) one."""
     if len(batch) == 3:
-        return batch
-    return batch[0], batch[1], 0
+        x, y, skipped = batch
+        return x, y, list(skipped) if not isinstance(skipped, int) else ["<unnamed>"] * skipped
+    return batch[0], batch[1], []
 
 
 # ---------------------------------------------------------------------------------------------- training order
@@ -230,7 +246,7 @@ class SeededDataset(Dataset):
         index, seed = key
         with seeded_rng(seed):
             item = self.dataset[index]
-            if item is None or self.transform is None:
+            if is_skipped(item) or self.transform is None:
                 return item
             image, target = item[0], item[1]
             return self.transform(image), target

@@ -70,6 +70,53 @@ def add_runtime_args(p: argparse.ArgumentParser, workers: int):
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_video_args(p: argparse.ArgumentParser, test_views: bool):
+    g = p.add_argument_group("video (videomamba_video_* models)")
+    g.add_argument("--num-frames", type=int, metavar="T",
+                   help="frames sampled per clip (8/16/32/64); must be what the model takes (default: the model's)")
+    g.add_argument("--data-root", metavar="DIR",
+                   help="where an annotation list's relative paths start (VideoMamba's --prefix; default: the "
+                        "list's folder)")
+    if test_views:
+        g.add_argument("--test-views", default="1x1", metavar="CLIPSxCROPS",
+                       help="views per video: temporal clips x spatial crops (VideoMamba's K400 test: 4x3)")
+        g.add_argument("--view-average", choices=("softmax", "logits"), default="softmax",
+                       help="how the views' outputs are averaged (softmax: VideoMamba's test)")
+
+
+_VIDEO_FLAGS = (("num_frames", None, "--num-frames"), ("data_root", None, "--data-root"),
+                ("test_views", "1x1", "--test-views"))
+
+
+def video_args_apply(args, model) -> bool:
+    """Whether ``--data`` is read as video (a video model); video flags given to an image model are an error."""
+    from vimtr.data.video import is_video_model
+    if is_video_model(model):
+        return True
+    given = [flag for name, default, flag in _VIDEO_FLAGS if getattr(args, name, default) != default]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to video models (videomamba_video_*); "
+                         f"{getattr(model, 'model_name', 'this model')} is an image model")
+    return False
+
+
+def video_dataset(args, model, spec, split: str, views=None):
+    """The video dataset ``--data``/``--val-data`` names, read at the model's frames and size (evaluation mode)."""
+    from vimtr.data import video
+    frames, size = video.model_geometry(model)
+    if args.num_frames is not None and args.num_frames != frames:
+        raise UsageError(f"--num-frames {args.num_frames}: {getattr(model, 'model_name', 'the model')} takes {frames} "
+                         f"frames (its temporal position embedding); use --num-frames {frames} or a checkpoint "
+                         f"trained for {args.num_frames} frames")
+    if spec == "digits":
+        raise UsageError("--data digits is an image set; a video model needs an annotation list or a folder of clips")
+    views = video.Views.parse(views if views is not None else getattr(args, "test_views", "1x1"))
+    dataset = video.load_video_dataset(spec, split, num_frames=frames, size=size, views=views,
+                                       on_corrupt=args.on_corrupt, root=args.data_root)
+    video.check_video_data(model, dataset)
+    return dataset
+
+
 def reduction_spec(args) -> dict | None | str:
     """``None`` (keep the checkpoint's), ``"none"`` (remove), or ``{"method", "params"}`` from the options."""
     params = dict(args.param or [])
@@ -159,6 +206,10 @@ def main_entry(add_cli, command: str, argv=None):
     parser = argparse.ArgumentParser(prog="vimtr")
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    from vimtr import checks
+
+    with cli_errors(command):
+        checks.preflight(args)
     return args.func(args)
 
 

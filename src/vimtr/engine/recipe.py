@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 import vimtr
 from vimtr.engine import common
-
-RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's RandAugment, as R-MeeTo (timm 0.4.12 create_transform)
+from vimtr.engine.settings import RAND_AUGMENT
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -74,11 +73,32 @@ def criterion_and_mixup(num_classes: int, mixup: float, cutmix: float, label_smo
     return torch.nn.CrossEntropyLoss(), None
 
 
+def mix(mixup, x: torch.Tensor, y: torch.Tensor):
+    """(inputs, targets) after timm's ``mixup`` (or as they are when it is None). timm cuts its CutMix box from
+    the last two axes of a 4-D batch, so clips (B, C, T, H, W) go in as (B, C·T, H, W): one box in H × W,
+    the same on every frame (as VideoMamba's video mixup)."""
+    if mixup is None:
+        return x, y
+    mixed, targets = mixup(x.flatten(1, -3), y)
+    return mixed.view(x.shape), targets
+
+
 def distill_kl(student_logits, teacher_logits, temperature: float = 1.0):
     """KL(teacher ‖ student) on softmax(logits / T), batch mean, scaled by T² (T = 1: R-MeeTo's loss)."""
     t = temperature
     return F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
                     reduction="batchmean", log_target=True) * (t * t)
+
+
+def training_loss(logits, targets, criterion, *, ce_weight: float = 1.0, teacher_logits=None,
+                  distill_weight: float = 0.0, temperature: float = 1.0):
+    """The re-training objective on one batch: ``ce_weight · criterion(logits, targets)`` plus, with a
+    teacher, ``distill_weight · distill_kl(logits, teacher_logits, temperature)`` (R-MeeTo: 1 and 0.5, T = 1).
+    ``criterion`` is :func:`criterion_and_mixup`'s (soft-target CE after mixup, label-smoothed CE otherwise)."""
+    loss = ce_weight * criterion(logits, targets)
+    if teacher_logits is not None:
+        loss = loss + distill_weight * distill_kl(logits, teacher_logits, temperature)
+    return loss
 
 
 def make_teacher(student):

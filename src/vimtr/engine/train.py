@@ -16,132 +16,42 @@ see docs/engines.md.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 import vimtr
 from vimtr.data import folders as data
+from vimtr.progress import progress_bar
 from vimtr.engine import checkpoints, common, distributed, recipe
+from vimtr.engine import settings as settings_mod
+from vimtr.engine.settings import RESUME_KEYS, Settings
+from vimtr.engine.train_log import Writer, describe_entry, describe_summary
 from vimtr.errors import UsageError
 from vimtr.engine.evaluate import evaluate
 
-# Settings that must not change when resuming: the data order, the schedule or the RNG streams depend on them.
-RESUME_KEYS = ("epochs", "batch_size", "accum_steps", "world_size", "seed", "train_fraction", "train_size",
-               "repeated_aug", "warmup_steps", "lr", "min_lr", "augment", "mixup", "cutmix", "ema_decay", "drop_path")
-
-
-@dataclass
-class Settings:
-    """Hyperparameters of one run (the keyword arguments of :func:`retrain`)."""
-    epochs: int = 1
-    batch_size: int = 64
-    accum_steps: int = 1
-    lr: float | None = None
-    base_lr: float = 2e-5
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    clip_grad: float | None = None
-    drop_path: float | None = None
-    distill_weight: float = 0.5
-    ce_weight: float = 1.0
-    distill_temperature: float = 1.0
-    ema_decay: float | None = None
-    augment: bool = False
-    auto_augment: str = recipe.RAND_AUGMENT
-    color_jitter: float = 0.4
-    reprob: float = 0.25
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    label_smoothing: float = 0.1
-    repeated_aug: int = 1
-    train_fraction: float = 1.0
-    seed: int = 0
-    workers: int = 0
-    eval_batch_size: int | None = None
-    save_every_steps: int = 0
-    eval_every_steps: int = 0
-    recover_within: float | None = None
-    eval_before: bool = True
-
-    def check(self):
-        for name in ("epochs", "batch_size", "accum_steps"):
-            common.check_batch_size(getattr(self, name), name)
-        for name in ("save_every_steps", "eval_every_steps", "warmup_steps", "workers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise UsageError(f"{name} must be an integer >= 0, got {v!r}")
-        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
-            raise UsageError(f"drop_path is a probability in [0, 1), got {self.drop_path!r}")
-        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
-            raise UsageError(f"mixup/cutmix mix each batch with its reverse and need an even batch size; got "
-                             f"batch_size={self.batch_size}")
-
-
-class _Writer:
-    """JSON lines per evaluation (and TensorBoard scalars if asked and installed), rank 0 only."""
-
-    def __init__(self, out_dir: Path | None, tensorboard: bool):
-        self.path = out_dir / "log.jsonl" if out_dir else None
-        self.tb = None
-        if tensorboard and out_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                warnings.warn("tensorboard is not installed (pip install tensorboard); logging JSON lines only")
-
-    def rewrite(self, history: list[dict]):
-        """Start the log afresh; on resume it is rebuilt from the checkpoint, dropping lines written after it."""
-        if self.path:
-            text = "".join(json.dumps(common.jsonable(h)) + "\n" for h in history)
-            checkpoints.atomic_write(self.path, lambda f: f.write(text.encode()))
-
-    def add(self, entry: dict):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(common.jsonable(entry)) + "\n")
-        if self.tb:
-            for k, v in entry.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self.tb.add_scalar(k, v, entry.get("step", 0))
-            self.tb.flush()
-
-    def close(self):
-        if self.tb:
-            self.tb.close()
-
-
 # ---------------------------------------------------------------------------------------------- the API
-def retrain(student, train_set, *, teacher=None, val_set=None, epochs: int = 1, batch_size: int = 64,
-            accum_steps: int = 1, lr: float | None = None, base_lr: float = 2e-5, min_lr: float = 1e-6,
-            warmup_steps: int = 0, weight_decay: float = 0.05, clip_grad: float | None = None,
-            drop_path: float | None = None, distill_weight: float = 0.5, ce_weight: float = 1.0,
-            distill_temperature: float = 1.0,
-            ema_decay: float | None = None, ema_init: dict | None = None, augment: bool = False,
-            auto_augment: str = recipe.RAND_AUGMENT, color_jitter: float = 0.4, reprob: float = 0.25,
-            mixup: float = 0.0, cutmix: float = 0.0, label_smoothing: float = 0.1, repeated_aug: int = 1,
-            train_fraction: float = 1.0, seed: int = 0, device="cpu", amp=None, workers: int = 0,
-            eval_batch_size: int | None = None, out_dir=None, save_every_steps: int = 0,
-            eval_every_steps: int = 0, resume=None, recover_within: float | None = None,
-            reference_top1: float | None = None, eval_before: bool = True, tensorboard: bool = False,
-            progress: bool = True, log=print, run_config: dict | None = None) -> dict:
+def retrain(student, train_set, *, teacher=None, val_set=None, settings: Settings | None = None, device="cpu",
+            amp=None, ema_init: dict | None = None, out_dir=None, resume=None, reference_top1: float | None = None,
+            tensorboard: bool = False, progress: bool = True, log=print, run_config: dict | None = None,
+            view_average: str = "softmax", **hyperparameters) -> dict:
     """Re-train ``student`` (a reduced vimtr model, trained in place) on ``train_set``; returns a summary.
 
     ``train_set`` yields ``(image, label)``: tensors the model takes as they are, or PIL images
     (``augment=True``: DeiT augmentation; otherwise the official eval preprocessing). ``val_set`` yields
-    ready tensors. ``teacher=None`` distils from the student's own weights unreduced (taken now); pass
+    ready tensors. A video dataset (:func:`vimtr.data.video.load_video_dataset`) samples and augments its own
+    clips for training (VideoMamba's recipe: ``augment``, ``auto_augment``, ``reprob``; ``num_sample`` clips
+    per video and visit); a video ``val_set`` may give several views per clip, combined by ``view_average``. ``teacher=None`` distils from the student's own weights unreduced (taken now); pass
     ``distill_weight=0`` to train on the labels only. ``lr=None`` means ``base_lr × global batch / 512``.
     ``ema_decay``: keep an EMA of the weights, started from ``ema_init`` (a state dict, e.g. the official
     checkpoint's ``model_ema``) or the student; with an EMA, "best" and the recovery time follow the EMA's
     accuracy, the model the official Vim-B recipe reports. ``amp``: None or an autocast dtype.
+    Hyperparameters (``epochs``, ``batch_size``, ``lr``, ``distill_weight``, ...) are the fields of
+    :class:`vimtr.engine.settings.Settings`, given as keywords or as ``settings=`` (keywords win).
     ``drop_path``: set the student's top stochastic-depth rate for training (``set_drop_path``); None keeps
     the model's own (0.1 for the registry's Vims, as R-MeeTo leaves it).
     ``out_dir``: write ``last.pt``/``best.pt``/``log.jsonl``/``results.json``; ``resume``: a checkpoint
@@ -153,18 +63,10 @@ def retrain(student, train_set, *, teacher=None, val_set=None, epochs: int = 1, 
     "recovered_minutes", "recovered_step", "steps", "train_minutes", "minutes", "corrupt", "checkpoint",
     "config"}``.
     """
-    settings = Settings(
-        epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, lr=lr, base_lr=base_lr, min_lr=min_lr,
-        warmup_steps=warmup_steps, weight_decay=weight_decay, clip_grad=clip_grad, drop_path=drop_path,
-        distill_weight=distill_weight,
-        ce_weight=ce_weight, distill_temperature=distill_temperature, ema_decay=ema_decay, augment=augment,
-        auto_augment=auto_augment, color_jitter=color_jitter, reprob=reprob, mixup=mixup, cutmix=cutmix,
-        label_smoothing=label_smoothing, repeated_aug=repeated_aug, train_fraction=train_fraction, seed=seed,
-        workers=workers, eval_batch_size=eval_batch_size, save_every_steps=save_every_steps,
-        eval_every_steps=eval_every_steps, recover_within=recover_within, eval_before=eval_before)
+    settings = Settings.of(settings, **hyperparameters)
     trainer = Trainer(student, train_set, settings, teacher=teacher, val_set=val_set, device=device, amp=amp,
                       ema_init=ema_init, out_dir=out_dir, reference_top1=reference_top1, tensorboard=tensorboard,
-                      progress=progress, log=log, run_config=run_config)
+                      progress=progress, log=log, run_config=run_config, view_average=view_average)
     if resume is not None:
         trainer.resume(resume)
     else:
@@ -178,8 +80,9 @@ class Trainer:
 
     def __init__(self, student, train_set, s: Settings, *, teacher=None, val_set=None, device="cpu", amp=None,
                  ema_init=None, out_dir=None, reference_top1=None, tensorboard=False, progress=True, log=print,
-                 run_config=None):
+                 run_config=None, view_average="softmax"):
         s.check()
+        self.view_average = view_average  # how a video validation set's views are combined
         self.s, self.val_set, self.amp, self.progress, self.log = s, val_set, amp, progress, log
         self.ctx = distributed.context(device)
         dev = self.dev = self.ctx.device
@@ -188,6 +91,13 @@ class Trainer:
         self.record = checkpoints.vimtr_record(net) if self.out_dir is not None else None
 
         # ---- data: an epoch's order depends on (seed, epoch) only; whole optimizer steps per epoch
+        video = hasattr(train_set, "for_training")  # reads, samples and augments its clips itself
+        if video:
+            from vimtr.data.video_transforms import ClipAugment
+            augment = ClipAugment(train_set.size, s.auto_augment, s.reprob) if s.augment else None
+            train_set = train_set.for_training(augment=augment, num_sample=s.num_sample)
+        elif s.num_sample != 1:
+            raise UsageError(f"num_sample={s.num_sample} draws several clips per video: it applies to video datasets")
         train_subset = data.fraction_subset(train_set, s.train_fraction, s.seed)
         self.sampler = data.EpochSampler(len(train_subset), s.batch_size, rank=self.ctx.rank, world=self.ctx.world,
                                          seed=s.seed, repeats=s.repeated_aug)
@@ -197,14 +107,15 @@ class Trainer:
             raise UsageError(f"the training set has {len(train_subset)} images ({per} per process over "
                              f"{self.ctx.world}); one optimizer step needs batch_size × accum_steps = "
                              f"{s.batch_size * s.accum_steps} per process: lower the batch size or accum_steps")
-        transform = (recipe.train_transform(net, s.auto_augment, s.color_jitter, s.reprob) if s.augment
-                     else recipe.EvalIfImage(net))
+        transform = (None if video else recipe.train_transform(net, s.auto_augment, s.color_jitter, s.reprob)
+                     if s.augment else recipe.EvalIfImage(net))
         self.loader = DataLoader(data.SeededDataset(train_subset, transform), batch_size=s.batch_size,
                                  sampler=self.sampler, num_workers=data.loader_workers(train_subset, s.workers),
                                  collate_fn=data.collate_skip,
                                  pin_memory=dev.type == "cuda",
                                  generator=torch.Generator())  # iterator creation must not draw from the global RNG
         self.total_steps = self.batches // s.accum_steps * s.epochs
+        warmup = s.warmup_steps + round(s.warmup_epochs * (self.batches // s.accum_steps))
         global_batch = s.batch_size * self.ctx.world * s.accum_steps
         self.lr = float(s.lr) if s.lr is not None else s.base_lr * global_batch / 512
         min_lr = min(s.min_lr, self.lr)
@@ -212,6 +123,7 @@ class Trainer:
                        "global_batch": global_batch, "train_size": len(train_subset), "device": str(dev),
                        "amp": None if amp is None else str(amp).replace("torch.", ""),
                        "steps_per_epoch": self.batches // s.accum_steps, "total_steps": self.total_steps,
+                       "warmup_total_steps": warmup,
                        "model": self.record, **(run_config or {})}
 
         # ---- teacher: the original weights unreduced, taken before any training or resume
@@ -236,8 +148,8 @@ class Trainer:
         net.to(dev).train()
         self.optimizer = recipe.adamw(net, self.lr, s.weight_decay)
         from timm.scheduler import CosineLRScheduler
-        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - s.warmup_steps),
-                                           lr_min=min_lr, warmup_t=s.warmup_steps, warmup_lr_init=min_lr,
+        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warmup),
+                                           lr_min=min_lr, warmup_t=warmup, warmup_lr_init=min_lr,
                                            warmup_prefix=True, t_in_epochs=False)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)  # bf16 needs no scaling
         self.ema = None
@@ -260,7 +172,7 @@ class Trainer:
                       "reference_top1": reference_top1, "training_free_top1": None, "recovered_minutes": None,
                       "recovered_step": None, "train_seconds": 0.0, "wall_seconds": 0.0, "epoch_loss": 0.0,
                       "epoch_images": 0, "epoch_seconds": 0.0, "corrupt": 0}
-        self.writer = _Writer(self.out_dir if self.ctx.is_main else None, tensorboard)
+        self.writer = Writer(self.out_dir if self.ctx.is_main else None, tensorboard)
         self.last_eval = {}  # step -> result: the final report reuses the end-of-training evaluation
         self.start_wall = time.perf_counter()
 
@@ -327,9 +239,8 @@ class Trainer:
         st, s = self.state, self.s
         self.sampler.set_epoch(epoch, skip=st["batch_in_epoch"] * s.batch_size)
         self.model.train()
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{s.epochs}", initial=st["batch_in_epoch"],
-                   total=self.batches, disable=not (self.progress and self.ctx.is_main), dynamic_ncols=True,
-                   leave=False)
+        bar = progress_bar(self.loader, desc=f"epoch {epoch + 1}/{s.epochs}", initial=st["batch_in_epoch"],
+                           total=self.batches, enabled=self.progress and self.ctx.is_main)
         micro, tick = st["batch_in_epoch"], time.perf_counter()
         for batch in bar:
             micro += 1
@@ -356,24 +267,26 @@ class Trainer:
     def _forward_backward(self, batch, sync: bool) -> float:
         st, s, dev = self.state, self.s, self.dev
         x, y, bad = data.unpack(batch)
-        st["corrupt"] += int(bad)
+        st["corrupt"] += len(bad)
         if x is None:
             raise UsageError(f"a whole batch of {s.batch_size} training images was unreadable (see the warnings); "
                              f"fix the data folder")
+        if x.dim() == len(self.net.input_size) + 2:  # num_sample clips per video: all of them train
+            x, y = x.flatten(0, 1), y.repeat_interleave(x.shape[1])
         if self.mixup is not None and len(x) % 2:  # a skipped image left an odd batch: mixup needs pairs
             x, y = x[:-1], y[:-1]
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        x, targets = self.mixup(x, y) if self.mixup is not None else (x, y)
+        x, targets = recipe.mix(self.mixup, x, y)
         # Without sync, DDP keeps this micro-batch's gradients local until the step's last one.
         no_sync = self.model.no_sync() if self.ctx.distributed and not sync else contextlib.nullcontext()
         with no_sync:
             with common.autocast(dev, self.amp):
                 logits = self.model(x).float()
-                loss = s.ce_weight * self.criterion(logits, targets)
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        t_logits = self.teacher(x).float()
-                    loss = loss + s.distill_weight * recipe.distill_kl(logits, t_logits, s.distill_temperature)
+                with torch.no_grad():
+                    t_logits = self.teacher(x).float() if self.teacher is not None else None
+                loss = recipe.training_loss(logits, targets, self.criterion, ce_weight=s.ce_weight,
+                                            teacher_logits=t_logits, distill_weight=s.distill_weight,
+                                            temperature=s.distill_temperature)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {st['step']}; lower the learning "
                                          f"rate or clip gradients (--clip-grad)")
@@ -398,7 +311,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation, logs, checkpoints
     def _eval(self, model, desc):
         return evaluate(model, self.val_set, batch_size=self.s.eval_batch_size or self.s.batch_size, device=self.dev,
-                        amp=self.amp, progress=self.progress, workers=self.s.workers, desc=desc)
+                        amp=self.amp, progress=self.progress, workers=self.s.workers, desc=desc,
+                        view_average=self.view_average)
 
     def _evaluate(self):
         """Evaluate the student (and EMA); returns (history entry, is best) or (None, False) without val set."""
@@ -439,7 +353,7 @@ class Trainer:
             self._save(save)
         if self.ctx.is_main:
             self.writer.add(entry)
-            self._say(_describe_entry(entry))
+            self._say(describe_entry(entry))
 
     def _save(self, tag: str):
         """All ranks call this (their RNG states are gathered); rank 0 writes last.pt (and best.pt)."""
@@ -461,26 +375,6 @@ class Trainer:
     def _say(self, text: str):
         if self.ctx.is_main and self.log:
             self.log(text)
-
-
-def _describe_entry(e: dict) -> str:
-    parts = [f"epoch {e['epoch']:g}", f"step {e['step']}"]
-    if e.get("train_loss") is not None:
-        parts.append(f"loss {e['train_loss']:.4f}")
-    if e.get("top1") is not None:
-        parts.append(f"top-1 {100 * e['top1']:.2f}%")
-    if e.get("ema_top1") is not None:
-        parts.append(f"EMA top-1 {100 * e['ema_top1']:.2f}%")
-    if e.get("reference_top1") is not None:
-        parts.append(f"unreduced {100 * e['reference_top1']:.2f}%")
-    if e.get("lr") is not None:
-        parts.append(f"lr {e['lr']:.2e}")
-    if e.get("images_per_s"):
-        parts.append(f"{e['images_per_s']:.0f} img/s")
-    parts.append(f"{e.get('minutes', 0):.2f} min")
-    if e.get("recovered_minutes") is not None:
-        parts.append(f"recovered after {e['recovered_minutes']:.2f} train-min")
-    return "  ".join(parts)
 
 
 def _check_resume(ckpt: dict, record: dict, config: dict, path):
@@ -507,12 +401,22 @@ examples:
   torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint vim_s_midclstok_80p5acc.pth \\
       --method rmeeto --num-prune 11 --data /data/imagenet --epochs 15 --batch-size 128 --output runs/vim_s_r11
   # continue a killed run where it stopped
-  torchrun --nproc_per_node 4 -m vimtr retrain ... --output runs/vim_s_r11 --resume
+  torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint vim_s_midclstok_80p5acc.pth \\
+      --method rmeeto --num-prune 11 --data /data/imagenet --epochs 15 --batch-size 128 --output runs/vim_s_r11 --resume
+  # R-MeeTo K400, VideoMamba-S: r=88, 8 frames, 15 epochs, 4 GPUs x 32 videos x 2 clips, accumulation 2
+  # (docs/video.md: the whole recipe and what differs from the official script)
+  torchrun --nproc_per_node 4 -m vimtr retrain --checkpoint videomamba_s16_k400_f8_res224.pth --method rmeeto \\
+      --num-prune 88 --data k400/train.csv --val-data k400/val.csv --data-root k400/videos --num-frames 8 \\
+      --epochs 15 --batch-size 32 --num-sample 2 --accum-steps 2 --lr 4e-5 --min-lr 2e-6 --warmup-epochs 5 \\
+      --weight-decay 0.1 --aa rand-m5-n2-mstd0.25-inc1 --repeated-aug 1 --no-distill --amp bf16 \\
+      --output runs/k400_s_r88
   # the built-in digits set on CPU, a few minutes
   vimtr retrain --model vim_digits --method rmeeto --r 8 --data digits --epochs 3 --batch-size 64 \\
       --lr 1e-3 --output runs/digits_r8
 
---data DIR holds train/ and val/ ImageFolders (ImageNet layout); --val-data overrides the latter.
+--data DIR holds train/ and val/ ImageFolders (ImageNet layout); --val-data overrides the latter. For a
+video model --data is a training annotation list (--val-data the validation one) or a folder with train/
+and val/ class folders of clips; --test-views sets the validation views (default 1x1).
 Writes OUTPUT/last.pt (every epoch and every --save-every-steps steps), OUTPUT/best.pt, OUTPUT/log.jsonl
 (one JSON line per evaluation: epoch, step, train_loss, lr, top1, top5, val_loss, ema_top1, images_per_s,
 train_minutes, minutes, recovered_minutes) and OUTPUT/results.json. Checkpoints reload with
@@ -529,52 +433,23 @@ def add_cli(subparsers):
     p.add_argument("--teacher", metavar="PATH", help="teacher weights (default: the --checkpoint unreduced)")
     common.add_reduction_args(p)
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", required=True, metavar="DIR|digits", help="folder with train/ and val/, or digits")
-    g.add_argument("--val-data", metavar="DIR", help="validation ImageFolder (default: DATA/val)")
+    g.add_argument("--data", required=True, metavar="DIR|LIST|digits",
+                   help="folder with train/ and val/, or digits; for a video model also a training annotation list")
+    g.add_argument("--val-data", metavar="DIR|LIST", help="validation ImageFolder or video list/folder "
+                                                          "(default: DATA/val)")
     g.add_argument("--output", required=True, metavar="DIR", help="checkpoints, logs and results go here")
     g.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue from a checkpoint (no value: OUTPUT/last.pt if it exists, else start)")
-    g.add_argument("--train-fraction", type=float, default=1.0, help="train on a fixed random fraction (ablation)")
-    g.add_argument("--save-every-steps", type=int, default=0, metavar="N",
-                   help="also checkpoint every N optimizer steps (a kill loses at most N steps)")
-    g.add_argument("--eval-every-steps", type=int, default=0, metavar="N", help="also evaluate every N steps")
     g.add_argument("--no-eval", action="store_true", help="no validation (and no recovery time)")
-    g.add_argument("--recover-within", type=float, default=1.0, metavar="POINTS",
-                   help="report training minutes until top-1 is within POINTS of the unreduced model")
     g.add_argument("--tensorboard", action="store_true", help="also log to OUTPUT/tensorboard (if installed)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=3, help="R-MeeTo: 30 (Vim-Ti), 15 (Vim-S/B), 3 (ablations)")
-    g.add_argument("--batch-size", type=int, default=128, help="per process")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--base-lr", type=float, default=2e-5, help="learning rate per 512 images of global batch")
-    g.add_argument("--lr", type=float, help="absolute learning rate (overrides --base-lr scaling)")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="end of the cosine schedule")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up from --min-lr (R-MeeTo: none)")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay (not on norms/biases/embeddings)")
-    g.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
-    g.add_argument("--drop-path", type=float, metavar="RATE",
-                   help="the student's top stochastic-depth rate (default: the model's, 0.1; R-MeeTo keeps it)")
-    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights, started from the checkpoint's model_ema if "
-                        "it has one (Vim-B recipe); best.pt and the recovery time then follow the EMA")
-    g.add_argument("--model-ema-decay", type=float, default=0.99996, help="per optimizer step")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                   help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--seed", type=int, default=0, help="data order, augmentation, drop-path, mixup")
-    g = p.add_argument_group("distillation")
-    g.add_argument("--distill-weight", type=float, default=0.5, help="weight of KL(teacher || student)")
-    g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the (soft-target) cross-entropy")
-    g.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature T (loss × T²)")
-    g.add_argument("--no-distill", action="store_true", help="train on the labels only")
-    g = p.add_argument_group("augmentation (DeiT recipe; tensor datasets such as digits get none)")
-    g.add_argument("--no-augment", action="store_true", help="official eval preprocessing instead")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment spec ('' for none)")
-    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter strength")
-    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--repeated-aug", type=int, default=3, help="DeiT repeated augmentation (1 = off)")
-    g.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
+    groups = settings_mod.add_cli(p, {"data": g})
+    groups["optimisation"].add_argument(
+        "--model-ema", action="store_true", help="keep an EMA of the weights, started from the checkpoint's "
+        "model_ema if it has one (Vim-B recipe); best.pt and the recovery time then follow the EMA")
+    groups["optimisation"].add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                                        help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
+    groups["distillation"].add_argument("--no-distill", action="store_true", help="train on the labels only")
+    common.add_video_args(p, test_views=True)
     common.add_runtime_args(p, workers=8)
     p.set_defaults(func=run)
     return p
@@ -591,8 +466,27 @@ def execute(args) -> dict:
     return common.execute("retrain", _run, args)
 
 
+def _video_datasets(args, model):
+    """(train, val or None) for a video model: --data a folder with train/ (and val/) class folders, or an
+    annotation list (then --val-data names the validation list, or --no-eval)."""
+    train = common.video_dataset(args, model, args.data, "train", views="1x1")
+    if args.no_eval:
+        return train, None
+    root = Path(args.data).expanduser()
+    if args.val_data:
+        val_spec = args.val_data
+    elif root.is_dir() and (root / "val").is_dir():
+        val_spec = root / "val"
+    else:
+        raise UsageError(f"--data {args.data}: no validation clips; pass --val-data (a list such as val.csv, or a "
+                         f"folder) or --no-eval")
+    return train, common.video_dataset(args, model, val_spec, "val")
+
+
 def _datasets(args, model):
     """(train, val or None) from --data/--val-data; folder train sets stay PIL for the augmentation."""
+    if common.video_args_apply(args, model):
+        return _video_datasets(args, model)
     if args.data == data.DIGITS:
         train = data.load_dataset(data.DIGITS, "train")
         val = None if args.no_eval else data.load_dataset(args.val_data or data.DIGITS, "val")
@@ -653,46 +547,23 @@ def _run(args, ctx: distributed.Context):
         warnings.warn("no token reduction (give --method ...): re-training the full model", stacklevel=1)
     train_set, val_set = _datasets(args, model)
     for ds, what in ((train_set, "training set"), (val_set, "validation set")):
-        if ds is not None:
+        if ds is not None and not getattr(ds, "is_video", False):  # video sets were checked when built
             data.check_classes(model, ds, what)
             data.check_image_model(model, ds)
-    augment = not args.no_augment and args.data != data.DIGITS
     run_config = {"command": "retrain", "checkpoint": args.checkpoint, "teacher": args.teacher,
                   "data": data.describe(train_set), "val_data": data.describe(val_set) if val_set else None}
-    summary = retrain(
-        model, train_set, teacher=teacher, val_set=val_set, epochs=args.epochs, batch_size=args.batch_size,
-        accum_steps=args.accum_steps, lr=args.lr, base_lr=args.base_lr, min_lr=args.min_lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-        drop_path=args.drop_path, distill_weight=0.0 if args.no_distill else args.distill_weight,
-        ce_weight=args.ce_weight,
-        distill_temperature=args.distill_temperature, ema_decay=args.model_ema_decay if args.model_ema else None,
-        ema_init=ema_init,
-        augment=augment, auto_augment=args.aa, color_jitter=args.color_jitter, reprob=args.reprob,
-        mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.smoothing, repeated_aug=args.repeated_aug,
-        train_fraction=args.train_fraction, seed=args.seed, device=ctx.device, amp=amp, workers=args.workers,
-        eval_batch_size=args.eval_batch_size, out_dir=out, save_every_steps=args.save_every_steps,
-        eval_every_steps=args.eval_every_steps, resume=resume,
-        recover_within=None if args.no_eval else args.recover_within, tensorboard=args.tensorboard,
-        progress=not args.no_progress, run_config=run_config)
+    settings = settings_mod.from_args(
+        args, distill_weight=0.0 if args.no_distill else args.distill_weight,
+        ema_decay=args.ema_decay if args.model_ema else None, augment=args.augment and args.data != data.DIGITS,
+        recover_within=None if args.no_eval else args.recover_within)
+    if getattr(val_set, "is_video", False):
+        run_config["val_protocol"] = {**val_set.protocol(), "view_average": args.view_average}
+    summary = retrain(model, train_set, teacher=teacher, val_set=val_set, settings=settings, device=ctx.device, amp=amp,
+                      ema_init=ema_init, out_dir=out, resume=resume, tensorboard=args.tensorboard,
+                      progress=not args.no_progress, run_config=run_config, view_average=args.view_average)
     if ctx.is_main:
-        print(_describe_summary(summary), flush=True)
+        print(describe_summary(summary), flush=True)
     return summary
-
-
-def _describe_summary(s: dict) -> str:
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.2f} %"
-    lines = [f"steps            {s['steps']} in {s['train_minutes']:.2f} train-min ({s['minutes']:.2f} min total)",
-             f"unreduced top-1  {pct(s['reference_top1'])}",
-             f"training-free    {pct(s['training_free_top1'])}",
-             f"final top-1      {pct(s['final']['top1'] if s['final'] else None)}",
-             f"best top-1       {pct(s['best_top1'])}"]
-    if s["recover_within"] is not None:
-        got = (f"{s['recovered_minutes']:.2f} train-min (step {s['recovered_step']})"
-               if s["recovered_minutes"] is not None else "not reached")
-        lines.append(f"within {s['recover_within']:g} pt   {got}")
-    lines.append(f"checkpoint       {s['checkpoint']}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ import json
 import logging
 import math
 import os
-import pickle
-import pickletools
 import re
 import warnings
 from collections.abc import Mapping
@@ -36,13 +34,16 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
 
+from vimtr.models.adapt_weights import inflate_image_weights, resample_pos_embed
+from vimtr.models.hub import HF_DEFAULT_FILES, hub_download, is_hub_id
 from vimtr.models.registry import canonical_name, create_model, list_models, model_config
+from vimtr.models.safe_pickle import SAFE_GLOBALS, torch_load_weights  # noqa: F401 (SAFE_GLOBALS re-exported)
 from vimtr.models.videomamba import VideoMamba
 from vimtr.models.vim import VisionMamba
 
-__all__ = ["CheckpointError", "CheckpointWarning", "build_from_checkpoint", "assets_dir", "HF_DEFAULT_FILES"]
+__all__ = ["CheckpointError", "CheckpointWarning", "build_from_checkpoint", "assets_dir", "HF_DEFAULT_FILES",
+           "is_hub_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +56,6 @@ class CheckpointWarning(UserWarning):
     """Something about a loaded checkpoint was assumed or dropped (also in ``model.checkpoint_info``)."""
 
 
-# The only global outside torch's weights_only defaults that official Vim/VideoMamba files contain
-# (HF's pickle scan of vim_t_midclstok_76p1acc.pth: OrderedDict, argparse.Namespace, FloatStorage).
-SAFE_GLOBALS = (argparse.Namespace,)
-
-# Default file per known HF repo (vim.md §3c).
-HF_DEFAULT_FILES = {
-    "hustvl/Vim-tiny-midclstok": "vim_t_midclstok_76p1acc.pth",
-    "hustvl/Vim-small-midclstok": "vim_s_midclstok_80p5acc.pth",
-    "hustvl/Vim-base-midclstok": "vim_b_midclstok_81p9acc.pth",
-    "OpenGVLab/VideoMamba": "videomamba_t16_in1k_res224.pth",
-}
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[^:]+)?$")
-_CKPT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
 _MAX_LISTED = 5  # offending keys shown in an error message
 
 
@@ -127,9 +115,9 @@ def _read(checkpoint) -> _Source:
     bundled = _read_bundled(text)
     if bundled is not None:
         return bundled
-    if _HF_ID.match(text) and not text.split(":")[0].lower().endswith(_CKPT_SUFFIXES):
+    if is_hub_id(text):
         repo, _, filename = text.partition(":")
-        local, filename = _hub_download(repo, filename or None, text)
+        local, filename = hub_download(repo, filename or None, text, CheckpointError)
         return _read_file(Path(local), label=f"{repo}:{filename}", hint=filename)
     raise CheckpointError(f"{text}: no such file. load_model takes a checkpoint file, a Hugging Face repo id "
                           f"such as 'hustvl/Vim-tiny-midclstok' (optionally 'repo:filename'), a bundled model "
@@ -144,7 +132,7 @@ def _read_file(path: Path, label: str, hint: str) -> _Source:
         except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
             raise CheckpointError(f"{label}: not a readable safetensors file ({_first_line(e)})") from None
         return _Source(label, obj, hint, "safetensors")
-    obj = _torch_load(path, label)
+    obj = torch_load_weights(path, label, CheckpointError)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{label}: holds a {type(obj).__name__}, not a checkpoint dict or state dict")
     return _Source(label, obj, hint, _format(obj))
@@ -154,76 +142,10 @@ def _format(obj: Mapping) -> str:
     return "vimtr" if "vimtr" in obj else "official" if isinstance(obj.get("model"), Mapping) else "state dict"
 
 
-def _torch_load(path: Path, label: str):
-    """torch.load with weights_only=True: nothing in the file is imported or called unless allow-listed."""
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise before our own error
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = _unsafe_globals(path, e)
-        if unsafe:
-            raise CheckpointError(
-                f"{label}: refused to load: unpickling it would import/call {', '.join(unsafe)}, which a weights "
-                f"checkpoint never needs (allowed: tensors, plain containers and "
-                f"{', '.join(_qualname(g) for g in SAFE_GLOBALS)}). Nothing from the file was run. If you trust "
-                f"the file, extract its state dict yourself and pass that to load_model") from None
-        raise CheckpointError(f"{label}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
-    except Exception as e:  # EOFError (empty), RuntimeError (truncated zip), KeyError/ValueError (not a pickle)
-        what = "an empty file" if isinstance(e, EOFError) else "truncated, corrupt or another kind of file"
-        raise CheckpointError(f"{label}: not a readable PyTorch checkpoint: {what} ({_first_line(e)})") from None
-
-
-def _qualname(obj) -> str:
-    return f"{obj.__module__}.{obj.__qualname__}"
-
-
 def _first_line(e: BaseException) -> str:
     """``Type: first line of the message`` (torch's messages run to paragraphs)."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
-def _unsafe_globals(path: Path, err: Exception) -> list[str]:
-    """Name the globals a refused pickle wanted, without running it: a static scan, else torch's message."""
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # zip files only
-    except Exception:
-        names = [n for n in _scan_pickle_globals(path)
-                 if not n.startswith(("torch.", "collections.OrderedDict"))]  # allowed by torch by default
-    allowed = {_qualname(g) for g in SAFE_GLOBALS}
-    names = [n for n in names if n not in allowed] or re.findall(r"GLOBAL ([\w.]+)", str(err))
-    return list(dict.fromkeys(names))
-
-
-def _scan_pickle_globals(path: Path, max_pickles: int = 4) -> list[str]:
-    """Statically list GLOBAL/STACK_GLOBAL imports of a plain pickle (legacy format: several in a row).
-
-    ``pickletools.genops`` only decodes opcodes; STACK_GLOBAL takes its module and name from the two
-    strings pushed before it, possibly via the memo, which is tracked for strings only.
-    """
-    found = []
-    with open(path, "rb") as f:
-        for _ in range(max_pickles):
-            strings, memo, top = [], {}, None  # top: the string on top of the stack, if it is one
-            try:
-                for op, arg, _ in pickletools.genops(f):
-                    if op.name in ("GLOBAL", "INST"):
-                        found.append(arg.replace(" ", "."))
-                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        found.append(f"{strings[-2]}.{strings[-1]}")
-                    if op.name == "MEMOIZE" or op.name.endswith("PUT"):  # store the top, leave the stack
-                        memo[len(memo) if op.name == "MEMOIZE" else arg] = top
-                        continue
-                    if isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
-                        top = arg
-                    else:
-                        top = memo.get(arg) if op.name.endswith("GET") else None
-                    if isinstance(top, str):
-                        strings.append(top)
-            except Exception:  # end of the pickles (raw storage bytes follow in the legacy format)
-                break
-    return found
 
 
 def bundled_models() -> list[str]:
@@ -254,29 +176,10 @@ def _read_bundled(name: str) -> _Source | None:
         raise CheckpointError(f"{label}: its card {name}.json needs a 'model' key naming a registered model")
     # A bundled model is described exactly like a vimtr-written checkpoint, so one code path serves both.
     record = {"model_name": card["model"], "config": card.get("config") or {}, "reduction": card.get("reduction")}
+    dataset = card.get("dataset")
+    if isinstance(dataset, Mapping) and isinstance(dataset.get("normalisation"), Mapping):
+        record["normalisation"] = dict(dataset["normalisation"])  # eval_transform normalises with it
     return _Source(label, {"model": state, "vimtr": record}, name, "bundled")
-
-
-def _hub_download(repo: str, filename: str | None, text: str) -> tuple[str, str]:
-    """(local path, file name) of a file in a Hugging Face repo; offline, say exactly what to fetch."""
-    if filename is None:
-        if repo not in HF_DEFAULT_FILES:
-            raise CheckpointError(f"{text}: no such local file; as a Hugging Face repo id it needs a file name: "
-                                  f"'{repo}:<file>.pth' (known repos: {', '.join(HF_DEFAULT_FILES)})")
-        filename = HF_DEFAULT_FILES[repo]
-    url = f"https://huggingface.co/{repo}/resolve/main/{filename}"
-    how = (f"Download {url} (browser, wget, or `huggingface-cli download {repo} {filename}`), save it anywhere "
-           f"and pass its path: vimtr.load_model('/path/to/{filename}')")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise CheckpointError(f"{repo}:{filename}: cannot download, huggingface_hub is not installed "
-                              f"(pip install 'vimtr[hub]'). {how}") from None
-    try:
-        return huggingface_hub.hf_hub_download(repo_id=repo, filename=filename), filename
-    except Exception as e:  # offline, no such repo/file, HTTP errors: all end the same way for the user
-        raise CheckpointError(f"{repo}:{filename}: download failed ({_first_line(e)}); "
-                              f"offline? {how}") from None
 
 
 # ============================================================================ picking the weights
@@ -363,19 +266,32 @@ def _declared_layout(obj: Mapping) -> str | None:
     return "first" if "videomamba" in lowered else "middle" if "vim" in lowered else None
 
 
+def _named_layout(file_name: str) -> str | None:
+    """The layout the official file names state: ``videomamba_*`` (first), ``vim_*`` / ``*midclstok*`` (middle)."""
+    name = file_name.lower()
+    if "videomamba" in name:
+        return "first"
+    if "midclstok" in name or "middle_cls" in name or re.match(r"vim[_-]", name):
+        return "middle"
+    return None
+
+
 def _layout(src: _Source, notices: _Notices | None) -> str:
-    """Vim (middle class token) or VideoMamba image (first): their state dicts have identical keys."""
+    """Vim (middle class token) or VideoMamba image (first): their state dicts have identical keys. The
+    checkpoint's ``args.model`` decides, else its file name (recorded as a notice), else Vim with a warning."""
     declared = _declared_layout(src.obj)
     if declared is not None:
         return declared
-    if "videomamba" in src.hint.lower():
+    named = _named_layout(src.hint)
+    if named is not None:
         if notices is not None:
-            notices.warn(f"class token placed first (VideoMamba) because the file name {src.hint!r} says "
-                         f"'videomamba'; pass name= to choose")
-        return "first"
+            notices.note(f"class token placed {named} ({'VideoMamba' if named == 'first' else 'Vim'}) as the file "
+                         f"name {src.hint!r} says; pass name= to choose")
+        return named
     if notices is not None:
-        notices.warn("the checkpoint does not say whether it is Vim or VideoMamba (no args.model); assuming Vim "
-                     "(class token in the middle). For VideoMamba image weights pass name='videomamba_...'")
+        notices.warn("the checkpoint does not say whether it is Vim or VideoMamba (no args.model, and its file name "
+                     "does not say); assuming Vim (class token in the middle). For VideoMamba image weights pass "
+                     "name='videomamba_...'")
     return "middle"
 
 
@@ -407,6 +323,11 @@ def _geometry(grid: int, patch: int, allow_stride: bool, sizes: list[int]) -> tu
 
 def _infer_config(sd: Mapping, src: _Source, notices: _Notices | None) -> tuple[str, dict]:
     """Registered name + overrides from the tensor shapes; raises CheckpointError for foreign weights."""
+    return _closest_registered(*_shape_config(sd, src, notices))
+
+
+def _shape_config(sd: Mapping, src: _Source, notices: _Notices | None) -> tuple[str, dict]:
+    """(family, configuration) read from the tensor shapes; raises CheckpointError for foreign weights."""
     foreign = _foreign_kind(sd)
     if foreign:
         raise CheckpointError(f"{src.label}: not a Vision Mamba checkpoint: it looks like {foreign}. vimtr "
@@ -443,7 +364,31 @@ def _infer_config(sd: Mapping, src: _Source, notices: _Notices | None) -> tuple[
         input_size = _ckpt_args(src.obj).get("input_size")
         sizes = list(dict.fromkeys(([input_size] if isinstance(input_size, int) else []) + [224]))
         cfg["img_size"], cfg["stride"] = _geometry(grid, patch, family == "middle", sizes)
-    return _closest_registered(family, cfg)
+    return family, cfg
+
+
+# What a flat video checkpoint's shapes fix even when the caller names the model: official K400/SSv2 files
+# differ only in these, and a named build at the registry's defaults could not load them.
+_VIDEO_GEOMETRY = ("depth", "img_size", "num_frames", "kernel_size", "num_classes", "d_state")
+
+
+def _named_video_geometry(name: str, sd: Mapping, src: _Source, notices: _Notices) -> dict:
+    """For a named video model and video weights of its width: the overrides that build it at the weights'
+    geometry (frames, image size, depth, classes). Anything else (image weights to inflate, another width)
+    gets none: the inflation or the strict loader's report handles it."""
+    if _family(name) != "video":
+        return {}
+    try:
+        family, cfg = _shape_config(sd, src, None)
+    except CheckpointError:
+        return {}
+    ref = _registered_config(name)
+    if family != "video" or cfg["embed_dim"] != ref["embed_dim"]:
+        return {}
+    out = {k: cfg[k] for k in _VIDEO_GEOMETRY if k in cfg and ref.get(k) != cfg[k]}
+    if out:
+        notices.note(f"built {name} at the checkpoint's geometry: {', '.join(f'{k}={v}' for k, v in out.items())}")
+    return out
 
 
 def _closest_registered(family: str, cfg: dict) -> tuple[str, dict]:
@@ -471,59 +416,6 @@ def _looks_like(sd: Mapping, src: _Source) -> str | None:
         return _describe(*_infer_config(sd, src, notices=None))
     except Exception:
         return None
-
-
-# ============================================================================ adapting weights to the model
-def _inflate_image_weights(sd: dict, model: nn.Module, notices: _Notices) -> dict:
-    """Image weights into a video model, as VideoMamba's ``inflate_weight``: 2-D kernel in the centre slice."""
-    weight, target = sd.get("patch_embed.proj.weight"), model.patch_embed.proj.weight
-    if not (isinstance(model, VideoMamba) and weight is not None and weight.dim() == 4 and target.dim() == 5):
-        return sd
-    sd = dict(sd)
-    frames = target.shape[2]
-    inflated = weight.new_zeros(weight.shape[:2] + (frames,) + weight.shape[2:])
-    inflated[:, :, frames // 2] = weight
-    sd["patch_embed.proj.weight"] = inflated
-    notices.note(f"inflated the 2-D patch embedding {_shape(weight)} into the centre temporal slice of the 3-D "
-                 f"kernel {_shape(inflated)}")
-    if "temporal_pos_embedding" not in sd:
-        sd["temporal_pos_embedding"] = model.temporal_pos_embedding.detach().clone()  # zeros at construction
-        notices.warn("the image checkpoint has no temporal_pos_embedding: it stays zero")
-    own_head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
-    ckpt_head = {k: v for k, v in sd.items() if k.startswith("head.")}
-    if ckpt_head and {k: v.shape for k, v in ckpt_head.items()} != {k: v.shape for k, v in own_head.items()}:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        sd.update({k: v.clone() for k, v in own_head.items()})
-        notices.warn(f"dropped the checkpoint's head ({_shape(ckpt_head.get('head.weight'))}): it does not fit "
-                     f"num_classes={model.num_classes}; the head keeps its random initialisation")
-    return sd
-
-
-def _resample_pos_embed(sd: dict, model: nn.Module, notices: _Notices) -> dict:
-    """Bicubic resample of the patch rows of pos_embed to the model's grid; the class row is kept aside.
-
-    Vim's class row sits at M//2 (M = patch count), VideoMamba's at 0, so it is taken out before the
-    resample and put back at the new M'//2 (or 0). For video models pos_embed is the spatial one.
-    """
-    pos, target = sd.get("pos_embed"), model.pos_embed
-    if pos is None or pos.shape == target.shape or pos.dim() != 3 or pos.shape[-1] != target.shape[-1]:
-        return sd  # nothing to do, or a mismatch the strict check reports
-    old_m, new_m = pos.shape[1] - 1, target.shape[1] - 1
-    old_grid, new_grid = math.isqrt(old_m), list(model.patch_embed.grid_size)
-    if old_grid * old_grid != old_m or new_grid[0] * new_grid[1] != new_m:
-        return sd
-    middle = model.cls_position == "middle"
-    old_i, new_i = (old_m // 2, new_m // 2) if middle else (0, 0)
-    cls_row = pos[:, old_i:old_i + 1]
-    rows = torch.cat((pos[:, :old_i], pos[:, old_i + 1:]), dim=1)
-    # antialias=False: the official fine-tune code (Vim main.py, VideoMamba) calls F.interpolate(bicubic) plainly.
-    rows = resample_abs_pos_embed(rows, new_size=new_grid, old_size=[old_grid, old_grid], num_prefix_tokens=0,
-                                  interpolation="bicubic", antialias=False)
-    sd = dict(sd)
-    sd["pos_embed"] = torch.cat((rows[:, :new_i], cls_row, rows[:, new_i:]), dim=1)
-    notices.note(f"pos_embed resampled (bicubic) from a {old_grid}x{old_grid} to a {new_grid[0]}x{new_grid[1]} "
-                 f"patch grid; class row kept at index {new_i}")
-    return sd
 
 
 # ============================================================================ strict loading
@@ -579,18 +471,9 @@ def _record_overrides(record: dict, src: _Source) -> tuple[str, dict]:
 
 # ============================================================================ the entry point
 def build_from_checkpoint(checkpoint, name: str | None = None, use_ema: bool = False, **overrides) -> nn.Module:
-    """A vimtr model (eval mode) with a checkpoint's weights; ``vimtr.load_model`` also re-applies the token
-    reduction a vimtr-written checkpoint records (``checkpoint_info['reduction']``), one layer above.
-
-    ``checkpoint``: a file (official ``.pth``, flat or ``module.``-prefixed state dict, ``.safetensors``,
-    a vimtr-written file), a state dict, a Hugging Face repo id (``'hustvl/Vim-tiny-midclstok'`` or
-    ``'repo:filename'``) or a bundled model name. ``name``: the registered model (or alias) to build;
-    ``None`` infers it from the tensor shapes. ``use_ema``: take the ``model_ema`` weights.
-    ``overrides``: passed to :func:`vimtr.create_model`; an ``img_size`` other than the checkpoint's
-    resamples the position embedding.
-
-    The model gets ``model.model_name`` and ``model.checkpoint_info`` (file, name, overrides, notices).
-    Any failure raises :class:`CheckpointError`.
+    """A vimtr model (eval mode) with a checkpoint's weights: :func:`vimtr.load_model`'s arguments and result
+    (see there), without re-applying the token reduction a vimtr-written checkpoint records, which stays in
+    ``checkpoint_info['reduction']`` for the layer above (:mod:`vimtr.loading`). Failures: :class:`CheckpointError`.
     """
     src = _read(checkpoint)
     notices = _Notices()
@@ -610,7 +493,7 @@ def build_from_checkpoint(checkpoint, name: str | None = None, use_ema: bool = F
     elif name is None:
         arch, cfg = _infer_config(sd, src, notices)
     else:
-        arch, cfg = name, {}
+        arch, cfg = name, _named_video_geometry(name, sd, src, notices)
     cfg.update(overrides)
     what = _describe(arch, cfg)
     try:
@@ -620,13 +503,14 @@ def build_from_checkpoint(checkpoint, name: str | None = None, use_ema: bool = F
 
     if name is not None:
         _check_declared_layout(src, model, notices)
-    sd = _inflate_image_weights(sd, model, notices)
-    sd = _resample_pos_embed(sd, model, notices)
+    sd = inflate_image_weights(sd, model, notices)
+    sd = resample_pos_embed(sd, model, notices)
     _load_strict(model, sd, src, what, raw_sd)
     model.eval()
     model.checkpoint_info = {"file": src.label, "format": src.fmt, "name": arch,
                              "inferred": name is None and record is None, "overrides": dict(cfg),
                              "description": what, "ema": use_ema,
-                             "reduction": record.get("reduction") if record else None, "notices": notices.items}
+                             "reduction": record.get("reduction") if record else None, "notices": notices.items,
+                             "normalisation": record.get("normalisation") if record else None}
     logger.info("loaded %s (%s%s) as %s", src.label, src.fmt, ", EMA" if use_ema else "", what)
     return model

@@ -10,15 +10,36 @@ import math
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, lecun_normal_, trunc_normal_
 
-from vimtr.models.layers import Block, PatchEmbed, RMSNorm
+from vimtr.models.layers import Block, DropPath, PatchEmbed, RMSNorm
 from vimtr.models.token_state import TokenState
 
 
+def trunc_normal_(tensor: torch.Tensor, std: float = 1.0, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+    """Normal(0, std²) truncated to [a, b] (absolute bounds), by the inverse-CDF method timm's
+    ``trunc_normal_`` uses: the same values as timm for the same random state (torch's own sampler draws
+    differently), so a seeded ``create_model`` initialises exactly as the official code."""
+    def cdf(x):
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    with torch.no_grad():
+        tensor.uniform_(2 * cdf(a / std) - 1, 2 * cdf(b / std) - 1)
+        tensor.erfinv_().mul_(std * math.sqrt(2.0)).add_(0.0)
+        return tensor.clamp_(min=a, max=b)
+
+
+def lecun_normal_(tensor: torch.Tensor) -> torch.Tensor:
+    """timm's ``lecun_normal_``: a standard normal truncated to ±2, scaled to variance 1 / fan_in
+    (0.8796 is the standard deviation of that truncated normal)."""
+    fan_in = tensor[0].numel()  # input channels × kernel size, of an (out, in, *kernel) weight
+    with torch.no_grad():
+        trunc_normal_(tensor)
+        return tensor.mul_(math.sqrt(1.0 / fan_in) / 0.87962566103423978).add_(0.0)
+
+
 class VisionMamba(nn.Module):
-    # A reduction step's merge of hidden and residual may run inside the next block's add + RMSNorm
-    # (CPU inference; see TokenState.fuse_merge). False: every merge is applied by the reducer itself.
+    # A reduction step's row map for hidden and residual may go into the next block's add + RMSNorm (see
+    # TokenState.fuse_merge). False: every reduction is applied by the reducer itself.
     fuse_merges = True
 
     def __init__(self, img_size=224, patch_size=16, stride=None, depth=24, embed_dim=192, d_state=16,
@@ -116,17 +137,16 @@ class VisionMamba(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward_tokens(self, x: torch.Tensor) -> TokenState:
         """Run the blocks; returns the final state, ``state.hidden`` being the ``norm_f`` output (B, L, C)."""
-        # fuse_merge: each Block takes a reducer's pending merge into its add + RMSNorm (TokenState).
+        # fuse_merge: each Block takes a reducer's pending row map into its add + RMSNorm (TokenState).
         state = TokenState(hidden=self.embed(x), residual=None, cls_index=self.initial_cls_index,
                            fuse_merge=self.fuse_merges)
         reducer = self.reducer
         for i, layer in enumerate(self.layers):
             if reducer is not None:
                 state = reducer(i, state)
-            want_aux = reducer is not None and reducer.wants_aux(i)
-            state.hidden, state.residual, aux = layer(state.hidden, state.residual, want_aux=want_aux,
-                                                      merge=state.pending)
-            state.aux, state.pending = aux or {}, None
+            state.hidden, state.residual, aux = layer(state.hidden, state.residual, want_aux=state.requests,
+                                                      row_map=state.pending, decay_steps=state.decay_steps())
+            state.aux, state.pending, state.requests = aux or {}, None, frozenset()
         residual = state.residual + self.drop_path(state.hidden).float()
         state.hidden = self.norm_f(residual, out_dtype=state.hidden.dtype)
         state.residual, state.aux = residual, {}

@@ -32,19 +32,45 @@ def reduce(model, method: str, **params):
     ``tokens``, ``cls_index``, ``sizes`` (and ``source``). Calling ``reduce`` again replaces the
     previous reduction; :func:`restore` removes it.
     """
-    _check_model(model)
-    if not isinstance(method, str) or method.lower() not in METHODS:
-        raise ValueError(f"unknown reduction method {method!r}; valid methods: {', '.join(list_methods())}")
-    cls = METHODS[method.lower()]
-    bad = sorted(set(params) - set(COMMON_PARAMS) - set(cls.PARAMS))
-    if bad:
-        raise TypeError(f"{cls.name}: unknown parameter(s) {bad}; valid: "
-                        f"{', '.join(COMMON_PARAMS + tuple(cls.PARAMS))}")
-    reducer = cls(model, **params)  # built (and validated) first: a failed call keeps the old reduction
+    reducer = make_reducer(model, method, **params)  # built (and validated) first: a failed call keeps the old one
     restore(model)
     model.reducer = reducer
     model.reduction = reducer.describe()
     return model
+
+
+def method_class(method: str) -> type[TokenReducer]:
+    """The registered method ``method`` (case-insensitive); ``ValueError`` naming the valid ones."""
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"unknown reduction method {method!r}; valid methods: {', '.join(list_methods())}")
+    return METHODS[method.lower()]
+
+
+def check_param_names(method: str, params) -> type[TokenReducer]:
+    """``TypeError`` for a parameter ``method`` does not take (no model needed); returns the method's class."""
+    cls = method_class(method)
+    bad = sorted(set(params) - set(COMMON_PARAMS) - set(cls.PARAMS))
+    if bad:
+        raise TypeError(f"{cls.name}: unknown parameter(s) {bad}; valid: "
+                        f"{', '.join(COMMON_PARAMS + tuple(cls.PARAMS))}")
+    return cls
+
+
+def make_reducer(model, method: str, **params) -> TokenReducer:
+    """The reducer ``reduce(model, method, **params)`` would install, built and validated (names, values,
+    schedule) without touching ``model``: what checking a request before any work needs."""
+    _check_model(model)
+    return check_param_names(method, params)(model, **params)
+
+
+def max_flops_reduction(model, method: str, **params) -> float:
+    """The largest ``full``-convention FLOPs reduction ``method`` can reach on ``model`` with this schedule
+    (``interval``/``odd`` and the method's own parameters in ``params``; ``r``/``flops_reduction`` are
+    ignored): what ``flops_reduction=`` may ask for, up to :data:`~vimtr.reduction.schedule.TOLERANCE`."""
+    from vimtr.reduction.schedule import max_reduction
+
+    params = {k: v for k, v in params.items() if k not in ("r", "flops_reduction")}
+    return max_reduction(model, make_reducer(model, method, r=0, **params))
 
 
 def restore(model):

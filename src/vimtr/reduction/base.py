@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from vimtr.models.token_state import TokenState
+from vimtr.models.token_state import AUX_KEYS, TokenState
 from vimtr.reduction.merge import Plan, apply_to_state
 
 COMMON_PARAMS = ("r", "interval", "odd", "flops_reduction", "trace_source")
@@ -26,6 +26,7 @@ class TokenReducer:
     name = ""
     PARAMS: dict = {}
     needs_aux = False
+    aligns_scan = False  # True: track original positions so that later scans span the gaps (ToP-ViM's HSA)
     weighted = True  # size-weighted means (False: plain means)
 
     def __init__(self, model, *, r=None, interval=2, odd=False, flops_reduction=None, trace_source=False,
@@ -34,6 +35,8 @@ class TokenReducer:
         self.num_tokens = self._initial_tokens(model)
         self.cls_start = model.initial_cls_index
         self.embed_dim = model.embed_dim
+        # Video models (VideoMamba K400: class token first, T·HW frame-major tokens) may have their own rules.
+        self.video = hasattr(model, "temporal_pos_embedding")
         self.trace_source = bool(trace_source)
         self.params = {**self.PARAMS, **params}
         self.check_params()
@@ -116,11 +119,12 @@ class TokenReducer:
     # ------------------------------------------------------------------ the hook
     aux_keys: frozenset | None = None  # the aux keys the plan reads, if not all (the mixer may skip others)
 
-    def wants_aux(self, block: int):
-        """Falsy, or truthy: True, or ``aux_keys`` when the method names the keys it reads."""
+    def requests(self, block: int) -> frozenset:
+        """What block ``block``'s mixer should expose in ``aux`` (names from
+        :data:`vimtr.models.token_state.AUX_KEYS`): what the next reduction step's plan reads, if there is one."""
         if self.needs_aux and block + 1 < self.depth and self.applied[block + 1] > 0:
-            return self.aux_keys or True
-        return False
+            return self.aux_keys or AUX_KEYS
+        return frozenset()
 
     def __call__(self, block: int, state: TokenState) -> TokenState:
         state.materialise()  # plans read hidden: a merge still pending (no block ran since) goes in first
@@ -129,12 +133,15 @@ class TokenReducer:
             state.sizes = torch.ones(B, L, 1, device=state.hidden.device, dtype=torch.float32)
             if self.trace_source:
                 state.source = self._initial_source(state)
+            if self.aligns_scan:  # the blocks' scans then span the gaps removed tokens leave (TokenState)
+                state.positions = torch.arange(L, device=state.hidden.device, dtype=torch.float32).expand(B, L)
             self._tokens, self._cls = [], []
         r = self.applied[block]
         if r > 0:
             state = apply_to_state(state, self.plan(block, state, r), weighted=self.weighted)
         self._tokens.append(state.length)
         self._cls.append(state.cls_index)
+        state.requests = self.requests(block)
         return state
 
     def _initial_source(self, state: TokenState) -> torch.Tensor:

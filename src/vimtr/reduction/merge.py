@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from vimtr.models.token_state import TokenState
+from vimtr.ops import RowMap
 
 
 @dataclass
@@ -151,36 +152,22 @@ def _apply(x: torch.Tensor, fp: _FlatPlan, weight, normalise: bool) -> torch.Ten
     return out.index_add_(0, fp.dst, diff).view(B, T, C)
 
 
-class PendingMerge:
-    """A reduction step's map for hidden and residual, left for the next block to apply.
-
-    The block's first op is ``residual + hidden`` then RMSNorm; the merge is linear and maps both streams
-    alike (same rows, same weights), so merging the sum equals summing the merges, up to float rounding.
-    The CPU add + RMSNorm kernel (:func:`vimtr.ops.norm_cpu.add_rmsnorm_cpu`) gathers and merges the rows
-    as it reads them: the streams are read once and only the reduced rows written, instead of a gather
-    pass over each stream and then the add. Any other path calls :meth:`apply` first (the eager ops)."""
-
-    def __init__(self, fp: "_FlatPlan", weight: torch.Tensor | None):
-        self.fp, self.weight = fp, weight
-        self.length = fp.T
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return _apply(x, self.fp, self.weight, True)
-
-    def rows(self, like: torch.Tensor):
-        """(keep (B·T,), src (B·r,), dst (B·r,), factor (B·r,)) as flattened rows, for a kernel; src/dst
-        and factor are None without merges. ``dst`` rows are output rows, in ``index_add_``'s order."""
-        fp = self.fp
-        if not fp.merges:
-            return fp.keep, None, None, None
-        return fp.keep, fp.src, fp.dst, fp.factor(self.weight, like).reshape(-1)
+def row_map(fp: "_FlatPlan", weight: torch.Tensor | None, like: torch.Tensor) -> RowMap:
+    """The step's map for hidden and residual as a :class:`vimtr.ops.RowMap`, for the next block to apply
+    inside its add + RMSNorm (see :func:`apply_to_state`): the same rows and weights as :func:`_apply`.
+    ``like``: the stream whose dtype the merge factors are computed in (the fp32 residual)."""
+    if not fp.merges:
+        return RowMap(keep=fp.keep, batch=fp.B)
+    return RowMap(keep=fp.keep, src=fp.src, dst=fp.dst, factor=fp.factor(weight, like).reshape(-1), batch=fp.B)
 
 
 def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> TokenState:
     """Reduce every stream of ``state`` with the same plan (hidden and residual: weighted means).
 
     With ``state.fuse_merge`` and one plan for both streams, hidden and residual are left as they are and
-    the merge goes into ``pending`` for the next block (:class:`PendingMerge`)."""
+    the map goes into ``pending`` for the next block (a :class:`vimtr.ops.RowMap`): its add + RMSNorm is
+    linear in both streams, so mapping their sum equals summing the maps (up to float rounding), and the
+    CPU kernel gathers and averages the rows as it reads them instead of a pass over each stream."""
     state.materialise()
     ci = state.cls_index
     weight = plan.weight if plan.weight is not None else (state.sizes if weighted else None)
@@ -193,7 +180,7 @@ def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> Toke
         fp._factors[(id(weight), weight.dtype)] = _rows(weight.reshape(-1, 1), fp.src) / _rows(sizes.reshape(-1, 1), fp.dst)
     pending = None
     if state.fuse_merge and state.residual is not None and plan.residual is None:
-        hidden, residual, pending = state.hidden, state.residual, PendingMerge(fp, weight)
+        hidden, residual, pending = state.hidden, state.residual, row_map(fp, weight, state.residual)
     else:
         hidden = _apply(state.hidden, fp, weight, True)
         if state.residual is None:
@@ -202,8 +189,12 @@ def apply_to_state(state: TokenState, plan: Plan, weighted: bool = True) -> Toke
             rfp = _FlatPlan.of(plan.residual, ci, B, L, state.hidden.device) if plan.residual else fp
             residual = _apply(state.residual, rfp, weight, True)
     source = None if state.source is None else _apply(state.source, fp, None, False)
+    positions = None  # a surviving token keeps its original position (a merged one: its destination's)
+    if state.positions is not None:
+        positions = _rows(state.positions.reshape(B * L, 1), fp.keep).view(B, fp.T)
     return TokenState(hidden=hidden, residual=residual, cls_index=plan.cls_pos if ci is not None else None,
-                      sizes=sizes, source=source, aux={}, fuse_merge=state.fuse_merge, pending=pending)
+                      sizes=sizes, source=source, aux={}, fuse_merge=state.fuse_merge, pending=pending,
+                      positions=positions)
 
 
 def proportional_cls_pos(cls_index: int | None, length: int, r: int) -> int | None:
@@ -310,7 +301,7 @@ def bipartite_plan(metric: torch.Tensor, r: int, distance: str = "cosine", kth: 
             dst_pos = (n_a - r) + dst_b
             pos_rule_len, pos_rule_r = n_a, r  # R-MeeTo inserts the class token among unmerged A tokens
         cls_pos = None
-        if cls_index is not None:
+        if cls_index is not None:  # held by test_reduce_properties (expected_trace), test_method_decisions (rmeeto)
             cls_pos = (cls_index * (pos_rule_len - pos_rule_r)) // pos_rule_len
         if prune:
             return Plan(keep=keep, cls_pos=cls_pos)

@@ -6,11 +6,20 @@ Order-preserving bipartite token merging at the start of blocks 2, 4, ..., 22 (`
 - the r best-matched A tokens merge into their matches: size-weighted mean, destination included;
 - ``ordered=True``: survivors keep their original order; the class token is re-inserted at
   floor(pos·(L−r)/L); hidden and residual streams merged with the same sizes; r capped at (L−1)//2.
+  (Held by tests/test_golden.py and tests/test_method_decisions.py: groups, class position, weighted means.)
 
 Default schedule: the paper's r (5 for Tiny-width models, 11 for wider ones), constant per event.
 ``compare=c`` reproduces the official code's last-merge-block rule (the last merging block cuts the
 sequence to 197 − 11·c tokens), which released checkpoints such as Vim-Ti r=5 were trained with;
 ``compare=None`` (default) is constant r, the method as published.
+
+Video models (VideoMamba K400; R-MeeTo ``video_task/models``: ``R_MeeTo_Mamba`` + ``R_MeeTo_merge.py``):
+the same ordered merge on the 1 + T·HW frame-major tokens with the class token first (index 0, where the
+proportional rule keeps it), the hidden and residual streams merged with the pre-merge sizes, r capped at
+(L−1)//2. What differs from the image code: the schedule is always a constant r at blocks 2, 4, ...
+(the video model has no ``compare`` override, so ``compare`` is refused), the matching always takes the
+best match (no ``choose``) and sums (no ``merge_mode``), and the default r is 88, the value of
+R-MeeTo's K400 checkpoints (CKPT.md: VideoMamba-Ti/S/M r=88 leave 601/601/249 tokens).
 
 ``metric`` ``"b"``/``"c"``/``"delta"`` use the previous mixer's B, C or Δ with both directions averaged
 *in token order*; the official code flips the backward tensors along the feature axis instead (a
@@ -38,9 +47,14 @@ class RMeeTo(TokenReducer):
             raise ValueError(f"rmeeto: kth must be an int >= 1 (1 = best match), got {p['kth']!r}")
         if p["compare"] is not None and (not isinstance(p["compare"], int) or p["compare"] < 0):
             raise ValueError(f"rmeeto: compare must be None or an int >= 0, got {p['compare']!r}")
+        if p["compare"] is not None and self.video:
+            raise ValueError("rmeeto: compare (the image code's last-merge-block override) does not exist in "
+                             "R-MeeTo's video model, which merges a constant r at every merging block; drop it")
         self.needs_aux = p["metric"] != "x"
 
     def default_schedule(self):
+        if self.video:
+            return 88, None
         return (5 if self.embed_dim <= 192 else 11), None
 
     def max_remove(self, length: int) -> int:

@@ -94,13 +94,13 @@ def benchmark(model, configs: dict, batch_sizes=(1, 8, 32), dtypes=("fp32",), de
     Every row carries the speed-up over the unreduced row of the same batch size and dtype, measured in
     this run, and the FLOPs ratio for comparison.
     """
-    from tqdm import tqdm
+    from vimtr.progress import progress_bar
 
     device = torch.device(device)
     model = model.to(device).eval()
     rows = []
     jobs = [(label, bs, dt) for label in configs for bs in batch_sizes for dt in dtypes]
-    for label, bs, dt in tqdm(jobs, desc="bench", disable=not progress):
+    for label, bs, dt in progress_bar(jobs, desc="bench", enabled=progress):
         cfg = configs[label]
         vimtr.restore(model)
         if cfg is not None:
@@ -150,7 +150,7 @@ def add_cli(sub):
     p = sub.add_parser("bench", help="throughput/latency with and without reductions (JSON out)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  vimtr bench --model vim_digits --method mtr rmeeto tome\n"
-                              "  vimtr bench --model vim_small --method rmeeto:r=11 mtr --batch-size 1 8 32\n"
+                              "  vimtr bench --model vim_tiny --method rmeeto:r=5 mtr --batch-size 1 8 --runs 5\n"
                               "  vimtr bench --checkpoint vim_s.pth --method rmeeto:r=11 --device cuda "
                               "--preset rmeeto --json bench.json")
     p.add_argument("--model", help="registered or bundled model name")
@@ -174,9 +174,13 @@ def run(args):
         args.batch_size, args.dtype, args.warmup, args.runs = pre["batch_sizes"], pre["dtypes"], pre["warmup"], pre["runs"]
     if args.device == "cpu" and "fp16" in args.dtype:
         raise ValueError("fp16 needs a GPU (--device cuda); on CPU use fp32 or bf16")
+    from vimtr import checks
+
+    configs = checks.bench_configs(args)
     model = load_for_cli(args, allow_random=True)
-    rows = benchmark(model, parse_methods(args.method, args.flops_reduction), args.batch_size, args.dtype,
-                     args.device, args.warmup, args.runs)
+    checks.check_reductions(model, [c for c in configs.values() if c], "bench",  # before any timing
+                            more_blocks="e.g. --method mtr:interval=1")
+    rows = benchmark(model, configs, args.batch_size, args.dtype, args.device, args.warmup, args.runs)
     print(f"{'config':<24}{'batch':>6}{'dtype':>6}{'GFLOPs':>9}{'median ms':>11}{'im/s':>9}{'speed-up':>9}")
     for r in rows:
         print(f"{r['config']:<24}{r['batch_size']:>6}{r['dtype']:>6}{r['gflops']:>9.3f}{r['median_s'] * 1e3:>11.2f}"

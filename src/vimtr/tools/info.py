@@ -26,7 +26,7 @@ def top5(model, image) -> list[tuple[str, float]]:
 
     x = eval_transform(model)(image).unsqueeze(0)
     prob = model(x).softmax(-1)[0]
-    p, idx = prob.topk(5)
+    p, idx = prob.topk(min(5, prob.numel()))  # a head with fewer than 5 classes lists them all
     names = _class_names(prob.numel())
     return [(names(i), float(v)) for v, i in zip(p.tolist(), idx.tolist())]
 
@@ -48,19 +48,22 @@ def add_cli(sub):
     p.add_argument("--checkpoint", help="checkpoint to load")
     p.add_argument("--method", help="apply a reduction first")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
-    p.add_argument("--image", help="image file, or a scikit-image sample name (chelsea, astronaut, coffee)")
+    p.add_argument("--image", help="image file (any mode: converted to the model's channels), or a scikit-image "
+                                   "sample photo: astronaut, cat, chelsea, coffee")
     p.set_defaults(func=run)
 
 
 def run(args):
-    from vimtr.io import parse_param
+    from vimtr import checks
     from vimtr.tools.benchmark import load_for_cli
 
     if not args.model and not args.checkpoint:
         args.model = "vim_tiny"
     model = load_for_cli(args, allow_random=True)
     if args.method:
-        vimtr.reduce(model, args.method, **dict(parse_param(p) for p in args.param))
+        params = checks.key_values(args.param)
+        checks.check_reductions(model, [(args.method, params)], "info")
+        vimtr.reduce(model, args.method, **params)
     d = describe(model)
     print(f"model        {d['model']}  input {tuple(d['input_size'])}  tokens {d['tokens']} "
           f"(class token at {d['cls_index']})")
@@ -70,10 +73,10 @@ def run(args):
         print(f"reduction    {d['reduction']['method']}: tokens per block {d['tokens_per_block']}")
     if args.image:
         from PIL import Image
-        if args.image in ("chelsea", "astronaut", "coffee", "cat"):
+        if args.image in checks.SAMPLE_IMAGES:
             import skimage.data
             image = Image.fromarray(getattr(skimage.data, args.image)())
         else:
-            image = Image.open(args.image).convert("RGB")
+            image = Image.open(args.image)  # any mode: eval_transform converts it to the model's channels
         for name, p in top5(model, image):
             print(f"  {p:6.2%}  {name}")

@@ -17,6 +17,7 @@ COLUMNS = ("method", "level", "top1", "top5", "loss", "gflops", "flops_saved", "
            "final_tokens", "top1_std", "top1_min", "top1_max")
 RANDOM_SEEDS = 5
 BUNDLED_FOR = {"digits": "vim_digits", "digits-clutter": "vim_digits_clutter"}  # --data's model when none is given
+DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5)  # `vimtr sweep` without --levels: those of them each method reaches
 
 
 def measure(model, dataset, method=None, params=None, batch_size=128, device="cpu", base=None,
@@ -72,7 +73,8 @@ def relative_to(row: dict, base: dict) -> dict:
 def sweep(model, dataset, methods=TRAINING_FREE, levels=(0.1, 0.2, 0.3, 0.4, 0.5), batch_size=128,
           device="cpu", progress=True, params: dict | None = None, random_seeds: int = RANDOM_SEEDS,
           processes: int = 1) -> list[dict]:
-    """The unreduced model, then every method at every FLOPs-reduction level; ``params`` (e.g.
+    """The unreduced model, then every method at every FLOPs-reduction level (``levels``: one list for all
+    methods, or ``{method: levels}``, see :func:`levels_for`); ``params`` (e.g.
     ``{"interval": 1}``) go to every method. ``random`` is averaged over ``random_seeds`` seeds (see
     :func:`measure`).
 
@@ -84,8 +86,9 @@ def sweep(model, dataset, methods=TRAINING_FREE, levels=(0.1, 0.2, 0.3, 0.4, 0.5
 
     from vimtr.engine import distributed
 
+    per_method = levels if isinstance(levels, dict) else dict.fromkeys(methods, levels)
     jobs = [(None, None)] + [(method, {**(params or {}), "flops_reduction": level})
-                             for method in methods for level in levels]
+                             for method in methods for level in per_method[method]]
     run = partial(_measure_jobs, model, dataset, batch_size=batch_size, device=device, random_seeds=random_seeds)
     if processes > 1:
         if torch.device(device).type != "cpu":
@@ -106,11 +109,11 @@ def sweep(model, dataset, methods=TRAINING_FREE, levels=(0.1, 0.2, 0.3, 0.4, 0.5
 
 def _measure_jobs(model, dataset, work, *, batch_size, device, random_seeds) -> list[dict]:
     """:func:`measure` for each ``(method, params)`` of ``work = (jobs, progress)``, in order."""
-    from tqdm import tqdm
+    from vimtr.progress import progress_bar
 
     jobs, progress = work
     return [measure(model, dataset, method, params, batch_size, device, random_seeds=random_seeds)
-            for method, params in tqdm(jobs, desc="sweep", disable=not progress)]
+            for method, params in progress_bar(jobs, desc="sweep", enabled=progress)]
 
 
 def load_kernels(model, jobs, batch_size=2, device="cpu"):
@@ -175,6 +178,36 @@ def plot(rows: list[dict], path_flops, path_throughput=None, title="", extra_poi
         plt.close(fig)
 
 
+def levels_for(model, methods, levels=None, params: dict | None = None, log=print) -> dict:
+    """{method: its levels}, checked against ``model`` before any evaluation.
+
+    ``levels`` given: every method must reach every level, else ``UsageError`` naming, for each method
+    that cannot, the largest level it reaches. ``levels=None``: :data:`DEFAULT_LEVELS`, each method at
+    those it reaches with this schedule (``log`` names any left out); a small model's schedule reaches
+    less (the bundled vim_digits, 12 blocks reducing at 2, 4, ..., 10, tops out between 0.37 and 0.49)."""
+    from vimtr import checks
+    from vimtr.errors import UsageError
+
+    params = dict(params or {})
+    if levels is not None:
+        checks.check_reductions(model, [(m, {**params, "flops_reduction": lv}) for m in methods for lv in levels],
+                                "sweep", more_blocks="--interval 1")
+        return {m: list(levels) for m in methods}
+    out = {}
+    for method in methods:
+        ok, most = checks.reachable_levels(model, method, DEFAULT_LEVELS, params)
+        if not ok:
+            raise UsageError(f"sweep: {method} reaches none of the default levels {list(DEFAULT_LEVELS)} on "
+                             f"{getattr(model, 'model_name', 'this model')} (at most {most:.3f}); pass --levels "
+                             f"at or below that, or reduce at more blocks (--interval 1)")
+        if len(ok) < len(DEFAULT_LEVELS):
+            left = [lv for lv in DEFAULT_LEVELS if lv not in ok]
+            log(f"note: {method} reaches at most {most:.3f} on {getattr(model, 'model_name', 'this model')} with "
+                f"this schedule: level(s) {', '.join(f'{lv:g}' for lv in left)} left out")
+        out[method] = ok
+    return out
+
+
 def write_rows(rows, out_dir: Path, stem="sweep"):
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
@@ -197,8 +230,9 @@ def add_cli(sub):
     p.add_argument("--data", default="digits",
                    help="ImageFolder directory, or a built-in dataset: 'digits' (default), 'digits-clutter'")
     p.add_argument("--method", nargs="+", default=list(TRAINING_FREE), help="methods (default: all)")
-    p.add_argument("--levels", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5],
-                   help="FLOPs reductions (default 0.1 … 0.5)")
+    p.add_argument("--levels", type=float, nargs="+", default=None,
+                   help="FLOPs reductions; each must be reachable by every method, or nothing runs (default: "
+                        "0.1 … 0.5, each method at those it reaches on the model; a note names the others)")
     p.add_argument("--interval", type=int, default=None,
                    help="reduce every INTERVAL blocks (default: each method's own, 2; use 1 for shallow models)")
     p.add_argument("--random-seeds", type=int, default=RANDOM_SEEDS,
@@ -224,9 +258,10 @@ def run(args):
     if not args.model and not args.checkpoint and args.data in BUNDLED_FOR:
         args.model = BUNDLED_FOR[args.data]
     model = load_for_cli(args)
-    dataset = load_dataset(args.data, "val", transform=eval_transform(model) if builtin(args.data) is None else None)
     params = {"interval": args.interval} if args.interval else None
-    rows = sweep(model, dataset, args.method, args.levels, args.batch_size, args.device, params=params,
+    levels = levels_for(model, args.method, args.levels, params)  # before any evaluation
+    dataset = load_dataset(args.data, "val", transform=eval_transform(model) if builtin(args.data) is None else None)
+    rows = sweep(model, dataset, args.method, levels, args.batch_size, args.device, params=params,
                  random_seeds=args.random_seeds, processes=args.processes)
     out = Path(args.out)
     write_rows(rows, out)

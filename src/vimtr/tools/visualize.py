@@ -1,7 +1,9 @@
 """Token maps: which patches each final token stands for, and MTR's importance heat-map.
 
 ``vimtr visualize IMAGE --model NAME|--checkpoint PATH --method mtr rmeeto ...`` writes a PNG with the
-image, the importance map and one merged-group map per method. Works with any model vimtr loads.
+image, the importance map and one merged-group map per method. Works with any model vimtr loads; for a
+video model IMAGE is a clip (a video file or a folder of frames) and the maps are drawn frame by frame
+(:mod:`vimtr.tools.visualize_video`).
 """
 from __future__ import annotations
 
@@ -22,12 +24,11 @@ class _ImportanceProbe:
     def __init__(self, block: int, pool: str = "none"):
         self.block, self.pool, self.score = block, pool, None
 
-    def wants_aux(self, i: int) -> bool:
-        return i == self.block
-
     def __call__(self, i: int, state: TokenState) -> TokenState:
         if i == self.block + 1:
             self.score = delta_importance(state.aux, self.pool)
+        if i == self.block:  # what delta_importance reads, from this block's mixer
+            state.requests = frozenset({"delta_sum", "delta_f", "delta_b"})
         return state
 
 
@@ -51,10 +52,16 @@ def _grid(model):
     return model.patch_embed.grid_size
 
 
-@torch.no_grad()
 def group_map(model, x: torch.Tensor, method: str, **params) -> tuple[np.ndarray, dict]:
     """Reduce with ``method`` and return, per patch, the index of the final token it ended up in
     (B, gh, gw), plus the trace. The model is restored afterwards."""
+    groups, trace = group_indices(model, x, method, **params)
+    return groups.reshape(x.shape[0], *_grid(model)).cpu().numpy(), trace
+
+
+@torch.no_grad()
+def group_indices(model, x: torch.Tensor, method: str, **params) -> tuple[torch.Tensor, dict]:
+    """(B, P): the final token each of the P patches (all frames of a clip) ended up in, and the trace."""
     saved = getattr(model, "reduction", None)
     vimtr.reduce(model, method, trace_source=True, **params)
     try:
@@ -64,8 +71,7 @@ def group_map(model, x: torch.Tensor, method: str, **params) -> tuple[np.ndarray
         vimtr.restore(model)
         if saved is not None:
             vimtr.reduce(model, saved["method"], **{**saved["params"], "trace_source": False})
-    groups = trace["source"].argmax(dim=1)  # (B, P): the final token each patch belongs to
-    return groups.reshape(x.shape[0], *_grid(model)).cpu().numpy(), trace
+    return trace["source"].argmax(dim=1), trace  # (B, P): the final token each patch belongs to
 
 
 def group_mean_image(image: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -138,7 +144,8 @@ def add_cli(sub):
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  vimtr visualize cat.jpg --checkpoint vim_t_midclstok_76p1acc.pth "
                               "--method mtr rmeeto\n  vimtr visualize digits:0 --model vim_digits --out map.png")
-    p.add_argument("image", help="an image file, or digits:N for test image N of the built-in digits set")
+    p.add_argument("image", help="an image file, or digits:N for test image N of the built-in digits set; for a "
+                                 "video model a clip (video file or folder of frames)")
     p.add_argument("--model", help="registered or bundled model name (default vim_digits for digits:N)")
     p.add_argument("--checkpoint", help="checkpoint file to load (official .pth, .safetensors, vimtr)")
     p.add_argument("--method", nargs="+", default=["mtr", "rmeeto"], help="methods to show (default mtr rmeeto)")
@@ -159,22 +166,37 @@ def _load_input(spec: str, model):
         raise FileNotFoundError(f"image {spec!r} not found (give a file path or digits:N)")
     from PIL import Image
     from vimtr.data import eval_transform
-    img = Image.open(path).convert("RGB")
-    t = eval_transform(model)
-    x = t(img).unsqueeze(0)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    return x, (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    t = eval_transform(model)  # converts any image mode to the model's channels
+    with Image.open(path) as img:
+        x = t(img).unsqueeze(0)
+    mean, std = (torch.tensor(v)[:, None, None] for v in (t.mean, t.std))
+    shown = (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    return x, shown[..., 0] if shown.shape[-1] == 1 else shown
 
 
 def run(args):
+    from vimtr import checks
+    from vimtr.errors import UsageError
     from vimtr.tools.benchmark import load_for_cli
 
     if not args.model and not args.checkpoint and args.image.startswith("digits:"):
         args.model = "vim_digits"
     model = load_for_cli(args)
-    x, image = _load_input(args.image, model)
+    if args.block >= len(model.layers) - 1:
+        raise UsageError(f"--block {args.block}: the importance map reads the Δ of a block that has a next one; "
+                         f"{getattr(model, 'model_name', 'this model')} has blocks 0 to {len(model.layers) - 1}, so "
+                         f"--block takes 0 to {len(model.layers) - 2}")
     methods = {m: (m, {"flops_reduction": args.flops_reduction}) for m in args.method}
-    out = token_map_figure(model, x, image, methods, args.out, importance_block=args.block,
-                           title=f"{getattr(model, 'model_name', '')} — {args.flops_reduction:.0%} fewer FLOPs")
+    checks.check_reductions(model, list(methods.values()), "visualize", more_blocks=None)
+    title = f"{getattr(model, 'model_name', '')} — {args.flops_reduction:.0%} fewer FLOPs"
+    if hasattr(model, "temporal_pos_embedding"):  # a video model: per-frame maps of one clip
+        from vimtr.tools.visualize_video import clip_figure, load_clip
+        if not Path(args.image).exists():
+            raise FileNotFoundError(f"clip {args.image!r} not found (a video file or a folder of frames)")
+        x, frames = load_clip(args.image, model)
+        out = clip_figure(model, x, frames, methods, args.out, block=args.block, title=title)
+        print(f"wrote {out}")
+        return
+    x, image = _load_input(args.image, model)
+    out = token_map_figure(model, x, image, methods, args.out, importance_block=args.block, title=title)
     print(f"wrote {out}")

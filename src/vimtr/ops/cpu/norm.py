@@ -9,15 +9,16 @@ gradient is needed (the backward differentiates the torch formula, recomputed), 
 not depend on the grad mode. The mean is summed in a different order than torch's: results agree to
 float32 rounding, not bit for bit.
 
-With a reduction step's pending merge (:class:`vimtr.reduction.merge.PendingMerge`), the kernel builds each
-output row from the input rows the merge maps to it, as it reads them:
+With a row map (:class:`vimtr.ops.RowMap`), the kernel builds each output row from the input rows the
+map names, as it reads them:
 
     x         = residual + hidden                                  (every input row, read once)
-    residual' = x[keep[t]] + Σ_i f_i · (x[src_i] − x[keep[t]])      (sources merged into output row t)
+    residual' = x[keep[t]] + Σ_i f_i · (x[src_i] − x[keep[t]])      (sources averaged into output row t)
     normed    = RMSNorm(residual')
 
-the reducer's weighted mean, applied to the sum of the two streams instead of to each (equal up to
-rounding: the merge is linear and maps both alike). Sources are added in ``index_add_``'s order.
+the map applied to the sum of the two streams instead of to each (equal up to rounding: the map is
+linear and the same for both), so both streams are read once and only the output rows written, instead
+of a gather pass over each stream before the add. Sources are added in ``index_add_``'s order.
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ import numpy as np
 import torch
 from numba import njit
 
-from vimtr.ops.recompute import grads_via_reference
-from vimtr.ops.scan_cpu import _FM_KERNEL, _run_rows
+from vimtr.ops.cpu.recompute import grads_via_reference
+from vimtr.ops.cpu.runtime import FM_KERNEL, run_rows
+from vimtr.ops.reference import add_rms_norm_ref
 
-__all__ = ["add_rmsnorm_cpu", "add_rmsnorm_ref"]
+__all__ = ["add_rms_norm_cpu"]
 
 
-@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True, inline="always")
+@njit(nogil=True, fastmath=FM_KERNEL, error_model="numpy", cache=True, inline="always")
 def _rmsnorm_row(ro, w, eps, no):
     """no = ro · (mean(ro²) + eps)^-½ · w for one row."""
     one = ro.dtype.type(1)
@@ -46,7 +48,7 @@ def _rmsnorm_row(ro, w, eps, no):
         no[j] = ro[j] * scale * w[j]
 
 
-@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+@njit(nogil=True, fastmath=FM_KERNEL, error_model="numpy", cache=True)
 def _add_rmsnorm(lo, hi, h, r, has_r, w, eps, r_out, n_out):
     D = h.shape[1]
     for i in range(lo, hi):
@@ -62,8 +64,8 @@ def _add_rmsnorm(lo, hi, h, r, has_r, w, eps, r_out, n_out):
         _rmsnorm_row(ro, w, eps, n_out[i])
 
 
-@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
-def _merge_add_rmsnorm(lo, hi, h, r, keep, ptr, srcs, facs, w, eps, r_out, n_out):
+@njit(nogil=True, fastmath=FM_KERNEL, error_model="numpy", cache=True)
+def _mapped_add_rmsnorm(lo, hi, h, r, keep, ptr, srcs, facs, w, eps, r_out, n_out):
     D = h.shape[1]
     for t in range(lo, hi):
         k = keep[t]
@@ -92,14 +94,14 @@ def _by_destination(src, dst, fac, n_out, ptr, srcs, facs):
         fill[dst[i]] = q + 1
 
 
-def _merge_kernel(hidden, residual, weight, eps, merge):
+def _map_kernel(hidden, residual, weight, eps, row_map):
     B, _, D = hidden.shape
     h = hidden.detach().reshape(-1, D).contiguous()
     r = residual.detach().reshape(-1, D).contiguous()
-    keep, src, dst, fac = merge.rows(hidden)
+    keep, src, dst, fac = row_map.keep, row_map.src, row_map.dst, row_map.factor
     n_out = keep.shape[0]
     ptr = np.zeros(n_out + 1, np.int64)
-    if src is None:
+    if not row_map.merges:
         srcs, facs = np.empty(0, np.int64), np.empty(0, np.float32)
     else:
         srcs, facs = np.empty(src.shape[0], np.int64), np.empty(src.shape[0], np.float32)
@@ -108,15 +110,8 @@ def _merge_kernel(hidden, residual, weight, eps, merge):
     n_o = torch.empty(n_out, D, dtype=torch.float32)
     args = (h.numpy(), r.numpy(), keep.numpy(), ptr, srcs, facs, weight.detach().contiguous().numpy(),
             np.float32(eps), r_out.numpy(), n_o.numpy())
-    _run_rows(lambda lo, hi, chunk: _merge_add_rmsnorm(lo, hi, *args), n_out, n_out * D)
+    run_rows(lambda lo, hi, chunk: _mapped_add_rmsnorm(lo, hi, *args), n_out, n_out * D)
     return r_out.view(B, n_out // B, D), n_o.view(B, n_out // B, D)
-
-
-def add_rmsnorm_ref(hidden, residual, weight, eps):
-    """The torch formula (Block + RMSNorm of vimtr.models.layers), differentiable."""
-    res = hidden.float() if residual is None else residual + hidden.float()
-    normed = res * torch.rsqrt(res.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return res, normed.to(hidden.dtype)
 
 
 def _kernel(hidden, residual, weight, eps):
@@ -128,7 +123,7 @@ def _kernel(hidden, residual, weight, eps):
     n_out = torch.empty(h.shape, dtype=torch.float32)
     args = (h.numpy(), r.numpy(), residual is not None, weight.detach().contiguous().numpy(), np.float32(eps),
             r_out.numpy(), n_out.numpy())
-    _run_rows(lambda lo, hi, chunk: _add_rmsnorm(lo, hi, *args), h.shape[0], h.numel())
+    run_rows(lambda lo, hi, chunk: _add_rmsnorm(lo, hi, *args), h.shape[0], h.numel())
     return r_out.view(shape), n_out.view(shape)
 
 
@@ -141,7 +136,7 @@ class _AddRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_res, g_norm):
-        return grads_via_reference(lambda h, r, w: add_rmsnorm_ref(h, r, w, ctx.eps), ctx.saved_tensors,
+        return grads_via_reference(lambda h, r, w: add_rms_norm_ref(h, r, w, ctx.eps), ctx.saved_tensors,
                                    ctx.needs_input_grad, (g_res, g_norm)) + (None,)
 
 
@@ -156,17 +151,19 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def add_rmsnorm_cpu(hidden, residual, weight, eps: float, merge=None):
+def add_rms_norm_cpu(hidden, residual, weight, eps: float, row_map=None):
     """(residual + hidden, RMSNorm of it) for float32 CPU tensors (B, L, D) (``residual`` None: hidden
-    starts the residual stream); other dtypes/devices take :func:`add_rmsnorm_ref`. Gradients flow.
-    ``merge``: a pending reduction step for both streams (see the module docstring); folded into the
-    kernel in inference, applied eagerly first where gradients are needed or the kernel does not apply."""
-    if merge is not None:
+    starts the residual stream); other dtypes/devices take :func:`add_rms_norm_ref`. Gradients flow.
+    ``row_map``: shorten both streams first (see the module docstring); folded into the kernel in
+    inference, applied with torch ops first where gradients are needed or the kernel does not apply."""
+    if row_map is not None:
         if residual is not None and _kernel_fits(hidden, residual, weight) and not _needs_grad(hidden, residual, weight):
-            return _merge_kernel(hidden, residual, weight, float(eps), merge)
-        hidden, residual = merge.apply(hidden), merge.apply(residual)
+            return _map_kernel(hidden, residual, weight, float(eps), row_map)
+        if residual is None:
+            raise ValueError("add_rms_norm: a row_map needs both streams (residual is None)")
+        hidden, residual = row_map.apply(hidden), row_map.apply(residual)
     if not _kernel_fits(hidden, residual, weight):
-        return add_rmsnorm_ref(hidden, residual, weight, eps)
+        return add_rms_norm_ref(hidden, residual, weight, eps)
     if _needs_grad(hidden, residual, weight):
         return _AddRMSNorm.apply(hidden, residual, weight, float(eps))
     return _kernel(hidden, residual, weight, float(eps))

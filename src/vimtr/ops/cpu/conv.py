@@ -8,24 +8,23 @@ anti-causal convolution of the sequence as it is::
 
 :func:`causal_conv1d_bidir_cpu` computes both from one read of x (rows with any strides, e.g. a slice of
 the ``in_proj`` output) into output tensors of any layout the caller chose, without the flips, the
-separate SiLU pass and oneDNN's per-call overhead. It is forward-only: when a gradient is needed it
-computes the same values with ``torch.nn.functional.conv1d`` (differentiable), so callers never have
-to choose. float32 only in the kernel; other dtypes take the torch path too.
+separate SiLU pass and oneDNN's per-call overhead. Gradients flow through a kernel of its own (the
+mirror image of the forward); float32 only, other dtypes take the torch reference.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import njit
 
-from vimtr.ops.recompute import grads_via_reference
-from vimtr.ops.scan_cpu import _FM_KERNEL, _load_row, _run_rows, _sigmoid, _span, _store_row, _threads_for
+from vimtr.ops.cpu.rows import load_row, store_row
+from vimtr.ops.cpu.runtime import FM_KERNEL, dense, run_rows, sigmoid, span, threads_for
+from vimtr.ops.reference import causal_conv1d_bidir_ref, conv_weights
 
-__all__ = ["causal_conv1d_bidir_cpu", "causal_conv1d_bidir_ref"]
+__all__ = ["causal_conv1d_bidir_cpu"]
 
 
-@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+@njit(nogil=True, fastmath=FM_KERNEL, error_model="numpy", cache=True)
 def _preactivations(xb, wf, bf, wb, bb, e, L, cf, cb):
     """Channel e's two convolutions before the SiLU, from its row xb padded with K-1 zeros on each side."""
     K = wf.shape[1]
@@ -45,7 +44,7 @@ def _preactivations(xb, wf, bf, wb, bb, e, L, cf, cb):
             cb[t] += w2 * s2[t]
 
 
-@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+@njit(nogil=True, fastmath=FM_KERNEL, error_model="numpy", cache=True)
 def _conv_bidir(lo, hi, L, x, sx, wf, bf, wb, bb, of, so, ob, sob, silu):
     """Rows [lo, hi) of (B, E, L); row i is (b, e) = divmod(i, E). s* = (base, batch, channel, token)."""
     E, K = wf.shape
@@ -58,22 +57,22 @@ def _conv_bidir(lo, hi, L, x, sx, wf, bf, wb, bb, of, so, ob, sob, silu):
         b = i // E
         e = i - b * E
         x0 = sx[0] + b * sx[1] + e * sx[2]
-        _load_row(x, x0, sx[3], xb[K - 1:K - 1 + L])
+        load_row(x, x0, sx[3], xb[K - 1:K - 1 + L])
         _preactivations(xb, wf, bf, wb, bb, e, L, cf, cb)
         if silu:
             for t in range(L):
                 v = cf[t]
-                cf[t] = v * _sigmoid(v)
+                cf[t] = v * sigmoid(v)
             for t in range(L):
                 v = cb[t]
-                cb[t] = v * _sigmoid(v)
-        _store_row(of, so[0] + b * so[1] + e * so[2], so[3], cf)
-        _store_row(ob, sob[0] + b * sob[1] + e * sob[2], sob[3], cb)
+                cb[t] = v * sigmoid(v)
+        store_row(of, so[0] + b * so[1] + e * so[2], so[3], cf)
+        store_row(ob, sob[0] + b * sob[1] + e * sob[2], sob[3], cb)
         for t in range(K - 1):  # the padding stays zero for the next row
             xb[t] = zero
 
 
-@njit(nogil=True, fastmath=_FM_KERNEL, error_model="numpy", cache=True)
+@njit(nogil=True, fastmath=FM_KERNEL, error_model="numpy", cache=True)
 def _conv_bidir_backward(lo, hi, chunk, L, x, sx, wf, bf, wb, bb, gf, sgf, gb, sgb, silu, dx, dwf, dbf, dwb,
                          dbb):
     """Gradients of :func:`_conv_bidir` for rows [lo, hi): dx (contiguous (B, E, L)) per row; the weight
@@ -95,7 +94,7 @@ def _conv_bidir_backward(lo, hi, chunk, L, x, sx, wf, bf, wb, bb, gf, sgf, gb, s
     for i in range(lo, hi):
         b = i // E
         e = i - b * E
-        _load_row(x, sx[0] + b * sx[1] + e * sx[2], sx[3], xb[K - 1:K - 1 + L])
+        load_row(x, sx[0] + b * sx[1] + e * sx[2], sx[3], xb[K - 1:K - 1 + L])
         _preactivations(xb, wf, bf, wb, bb, e, L, pf, pb)  # again: the forward kept only the outputs
         for direction in range(2):
             p = pf if direction == 0 else pb
@@ -105,10 +104,10 @@ def _conv_bidir_backward(lo, hi, chunk, L, x, sx, wf, bf, wb, bb, gf, sgf, gb, s
                 for t in range(L):
                     dp[t] = 0
                 continue
-            _load_row(g, sg[0] + b * sg[1] + e * sg[2], sg[3], gt)
+            load_row(g, sg[0] + b * sg[1] + e * sg[2], sg[3], gt)
             if silu:
                 for t in range(L):
-                    sgm = _sigmoid(p[t])
+                    sgm = sigmoid(p[t])
                     dp[t] = gt[t] * sgm * (one + p[t] * (one - sgm))
             else:
                 for t in range(L):
@@ -145,25 +144,6 @@ def _conv_bidir_backward(lo, hi, chunk, L, x, sx, wf, bf, wb, bb, gf, sgf, gb, s
             xb[t] = 0
 
 
-def _weights(w, E):
-    if w.dim() == 3 and w.shape[:2] == (E, 1):
-        w = w.reshape(E, -1)
-    if w.dim() != 2 or w.shape[0] != E:
-        raise ValueError(f"causal_conv1d_bidir_cpu: weights must be (dim, 1, K) or (dim, K) with dim = {E}, "
-                         f"got {tuple(w.shape)}")
-    return w
-
-
-def causal_conv1d_bidir_ref(x, w_f, b_f, w_b, b_b, activation: bool = True):
-    """The same two convolutions with torch ops (differentiable, any device and dtype)."""
-    E = x.shape[1]
-    w_f, w_b = _weights(w_f, E), _weights(w_b, E)
-    K = w_f.shape[1]
-    c_f = F.conv1d(x, w_f.unsqueeze(1), b_f, padding=K - 1, groups=E)[..., : x.shape[-1]]
-    c_b = F.conv1d(x, w_b.flip(-1).unsqueeze(1), b_b, padding=K - 1, groups=E)[..., K - 1:]
-    return (F.silu(c_f), F.silu(c_b)) if activation else (c_f, c_b)
-
-
 def _parameters(w_f, b_f, w_b, b_b, E):
     """The kernels' (wf, bf, wb, bb) numpy arrays: (E, K) weights, (E,) biases (zeros where None)."""
     zeros = torch.zeros(E)
@@ -173,14 +153,14 @@ def _parameters(w_f, b_f, w_b, b_b, E):
 def _kernel_forward(x, w_f, b_f, w_b, b_b, activation, out_f, out_b):
     Bn, E, L = x.shape
     wf, bf, wb, bb = _parameters(w_f, b_f, w_b, b_b, E)
-    xf, sx = _span(x)
-    of, so = _span(out_f)
-    ob, sob = _span(out_b)
+    xf, sx = span(x)
+    of, so = span(out_f)
+    ob, sob = span(out_b)
 
     def call(lo, hi, chunk):
         _conv_bidir(lo, hi, L, xf, sx, wf, bf, wb, bb, of, so, ob, sob, bool(activation))
 
-    _run_rows(call, Bn * E, Bn * E * L * w_f.shape[1] // 4)
+    run_rows(call, Bn * E, Bn * E * L * w_f.shape[1] // 4)
     return out_f, out_b
 
 
@@ -189,11 +169,11 @@ def _kernel_backward(x, w_f, b_f, w_b, b_b, activation, g_f, g_b):
     Bn, E, L = x.shape
     wfn, bf, wbn, bb = _parameters(w_f, b_f, w_b, b_b, E)  # w_* arrive (E, K), as _ConvBidir.apply got them
     K = wfn.shape[1]
-    xf, sx = _span(x)
-    (gff, sgf), (gbf, sgb) = [_span(g) if g is not None else (np.empty(0, np.float32), np.zeros(4, np.int64))
+    xf, sx = span(x)
+    (gff, sgf), (gbf, sgb) = [span(g) if g is not None else (np.empty(0, np.float32), np.zeros(4, np.int64))
                               for g in (g_f, g_b)]
     rows, work = Bn * E, Bn * E * L * K // 2
-    nt = _threads_for(rows, work)
+    nt = threads_for(rows, work)
     dx = torch.empty(Bn, E, L)
     parts = [np.zeros((nt, E, K), np.float32), np.zeros((nt, E), np.float32),
              np.zeros((nt, E, K), np.float32), np.zeros((nt, E), np.float32)]
@@ -203,7 +183,7 @@ def _kernel_backward(x, w_f, b_f, w_b, b_b, activation, g_f, g_b):
         _conv_bidir_backward(lo, hi, chunk, L, xf, sx, wfn, bf, wbn, bb, gff, sgf, gbf, sgb, bool(activation),
                              dxf, *parts)
 
-    used = _run_rows(call, rows, work)
+    used = run_rows(call, rows, work)
     assert used == nt  # the partial sums were sized for this many chunks
     dwf, dbf, dwb, dbb = (torch.from_numpy(p.sum(axis=0)) for p in parts)
     return dx, dwf, dbf, dwb, dbb
@@ -216,8 +196,8 @@ def _new_out(x, channel_major):
 
 class _ConvBidir(torch.autograd.Function):
     """The kernel's values forward, and its mirror-image kernel backward (:func:`_conv_bidir_backward`,
-    checked against autograd through :func:`causal_conv1d_bidir_ref` in the tests). oneDNN's depthwise
-    conv backward plus the recomputed reference forward were 12% of a re-training step of the bundled model."""
+    checked against autograd through :func:`causal_conv1d_bidir_ref` in the tests). Autograd through
+    oneDNN's depthwise conv, recomputed, was 12% of a re-training step of the bundled model."""
 
     @staticmethod
     def forward(ctx, x, w_f, b_f, w_b, b_b, activation, channel_major):
@@ -229,8 +209,6 @@ class _ConvBidir(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_f, g_b):
-        if not KERNEL_BACKWARD:
-            return _backward_via_reference(ctx, g_f, g_b)
         x, w_f, b_f, w_b, b_b = ctx.saved_tensors
         dx, dwf, dbf, dwb, dbb = _kernel_backward(x, w_f, b_f, w_b, b_b, ctx.activation, g_f, g_b)
         need = ctx.needs_input_grad
@@ -238,15 +216,6 @@ class _ConvBidir(torch.autograd.Function):
         return (dx if need[0] else None, dwf.view_as(w_f) if need[1] and f else None,
                 dbf if need[2] and f and b_f is not None else None, dwb.view_as(w_b) if need[3] and b else None,
                 dbb if need[4] and b and b_b is not None else None, None, None)
-
-
-KERNEL_BACKWARD = True  # False: differentiate the reference instead (what benchmarks/retrain_speed.py compares)
-
-
-def _backward_via_reference(ctx, g_f, g_b):
-    """The backward as autograd through :func:`causal_conv1d_bidir_ref`, recomputed (the previous path)."""
-    return grads_via_reference(lambda *t: causal_conv1d_bidir_ref(*t, ctx.activation), ctx.saved_tensors,
-                               ctx.needs_input_grad, (g_f, g_b)) + (None, None)
 
 
 def causal_conv1d_bidir_cpu(x, w_f, b_f, w_b, b_b, activation: bool = True, out_f=None, out_b=None,
@@ -257,13 +226,13 @@ def causal_conv1d_bidir_cpu(x, w_f, b_f, w_b, b_b, activation: bool = True, out_
 
     Outputs: ``out_f`` / ``out_b``, dense float32 (B, E, L) tensors of any layout to write into (they
     must not overlap x; forward-only), else new tensors, stored as (E, B, L) with ``channel_major``
-    (the layout of Vim's CPU mixer path) or contiguous. Gradients flow (the backward recomputes with
-    torch's conv). float32 CPU inputs run the kernel; anything else takes :func:`causal_conv1d_bidir_ref`.
+    (the layout of Vim's CPU mixer path) or contiguous. Gradients flow (a kernel backward). float32 CPU
+    inputs run the kernel; anything else takes :func:`causal_conv1d_bidir_ref`.
     """
     if x.dim() != 3:
         raise ValueError(f"causal_conv1d_bidir_cpu: x must be (batch, dim, seqlen), got {tuple(x.shape)}")
     Bn, E, L = x.shape
-    w_f, w_b = _weights(w_f, E), _weights(w_b, E)
+    w_f, w_b = conv_weights(w_f, E), conv_weights(w_b, E)
     if w_f.shape != w_b.shape:
         raise ValueError(f"causal_conv1d_bidir_cpu: w_f {tuple(w_f.shape)} and w_b {tuple(w_b.shape)} differ")
     for name, bias in (("b_f", b_f), ("b_b", b_b)):
@@ -287,10 +256,9 @@ def causal_conv1d_bidir_cpu(x, w_f, b_f, w_b, b_b, activation: bool = True, out_
         return c_f, c_b
     if needs_grad:
         return _ConvBidir.apply(x, w_f, b_f, w_b, b_b, bool(activation), bool(channel_major))
-    from vimtr.ops.scan_cpu import _dense
     out_f = _new_out(x, channel_major) if out_f is None else out_f
     out_b = _new_out(x, channel_major) if out_b is None else out_b
     for name, o in (("out_f", out_f), ("out_b", out_b)):
-        if not _dense(o):
+        if not dense(o):
             raise ValueError(f"causal_conv1d_bidir_cpu: {name} must be dense, got strides {o.stride()}")
     return _kernel_forward(x, w_f, b_f, w_b, b_b, activation, out_f, out_b)
