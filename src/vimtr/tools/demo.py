@@ -44,9 +44,12 @@ SCHEDULE = {"interval": 2}  # see the module docstring
 RETRAIN = {"epochs": 12, "batch_size": 32, "lr": 4e-3, "augment": True, "drop_path": 0.0, "processes": 2}
 SWEEP_PROCESSES = 2  # one-thread processes sharing the sweep's points (one per core, at most this many)
 TIMING_ROUNDS = 4  # alternating timing rounds for the table's im/s (see time_table_rows)
+TIMING_BATCH = 128
 LEVELS = (0.1, 0.2, 0.3, 0.4)  # the sweep's FLOPs reductions (the plots), besides --flops-reduction
-# --quick (what the tests run, < 1 min): the one level, 3 random seeds, 1 epoch on a quarter of the train split.
-QUICK = {"levels": (), "random_seeds": 3, "train_fraction": 0.25, "timing_rounds": 2}
+# --quick (what the tests run, < 1 min): the one level, 3 random seeds, 1 epoch on a quarter of the train
+# split, the timing on batches of 32 (a forward of 128 on 144 tokens is ~1 s: 9 models x 3 rounds of it alone
+# would take half the minute).
+QUICK = {"levels": (), "random_seeds": 3, "train_fraction": 0.25, "timing_rounds": 2, "timing_batch": 32}
 
 
 def dataset_of(model_name: str) -> str:
@@ -199,7 +202,8 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
     rows.append(retrained)
     lap("retrain")
     rows = [dict(r) for r in rows]  # the table's copies: the plots keep each point's own timing
-    time_table_rows(rows, model, student, flops_reduction, rounds=QUICK["timing_rounds"] if quick else TIMING_ROUNDS)
+    time_table_rows(rows, model, student, flops_reduction, batch_size=QUICK["timing_batch"] if quick else TIMING_BATCH,
+                    rounds=QUICK["timing_rounds"] if quick else TIMING_ROUNDS)
     lap("timing")
 
     sweep_tool.plot(sweep_rows, out / "acc_vs_flops.png", out / "acc_vs_throughput.png",
@@ -227,7 +231,7 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
     return result
 
 
-def time_table_rows(rows, model, student, flops_reduction, batch_size=128, rounds=TIMING_ROUNDS):
+def time_table_rows(rows, model, student, flops_reduction, batch_size=TIMING_BATCH, rounds=TIMING_ROUNDS):
     """The table's im/s and speed-up, timed side by side: every row's model in turn, ``rounds`` times, one
     batch each, the fastest forward kept (``time_alternating``). On this small model a forward is ~0.2 s
     and one-off timings vary by ±10-20% on a shared 2-core machine: timed one after the other, the same

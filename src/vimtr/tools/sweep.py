@@ -221,8 +221,8 @@ def add_cli(sub):
     p = sub.add_parser("sweep", help="methods × reduction levels → accuracy, GFLOPs, im/s, plots",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  vimtr sweep --model vim_digits --data digits\n"
-                              "  vimtr sweep --model vim_digits_clutter --data digits-clutter --method mtr random "
-                              "positional --levels 0.3 --interval 2 --random-seeds 30\n"
+                              "  vimtr sweep --data digits-clutter --method mtr random positional --levels 0.3 "
+                              "--interval 2\n"
                               "  vimtr sweep --checkpoint vim_b_midclstok_81p9acc.pth --data /imagenet/val "
                               "--method mtr utr --levels 0.2 0.3 0.4 --device cuda --out sweep_vimb/")
     p.add_argument("--model", help="registered or bundled model name")

@@ -36,7 +36,7 @@ from vimtr.io import atomic_write, write_json
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets"
 # model -> (dataset spec, epochs, batch): the bundled models' own recipes.
-MODELS = {"vim_digits_clutter": ("digits-clutter", 100, 32), "vim_digits": ("digits", 25, 64)}
+MODELS = {"vim_digits_clutter": ("digits-clutter", 110, 32), "vim_digits": ("digits", 25, 64)}
 
 
 @torch.no_grad()
@@ -60,19 +60,21 @@ def init_backward_dt(model, dt_range: tuple[float, float] | None = None):
 class _Epochs:
     """The training images of each epoch, as one (x, y) pair of tensors.
 
-    ``digits-clutter``: ``placements`` canvases per train digit, each set drawn once from its own seed
-    (``seed`` + 1 + k), epoch e reading set e mod ``placements``: the train set's size is ``placements``
-    × 1,437 canvases, rendered once each."""
+    ``digits-clutter``: a fresh canvas for every train digit every epoch (1,437 new canvases, ~1 s to
+    draw), from a data generator of its own seeded ``seed`` + 1, so the model init's and the batch
+    order's streams stay put. Fresh draws, not a few fixed sets read in turn: with 8 fixed sets a
+    100-epoch run fits its canvases (train loss at the label-smoothing floor) and stopped at 95.8% top-1."""
 
-    def __init__(self, data: str, seed: int, augment_strength: str, placements: int):
+    def __init__(self, data: str, seed: int, augment_strength: str):
         from vimtr.data import clutter, digits
 
-        self.data, self.strength, self.seed, self.placements = data, augment_strength, seed, placements
+        self.data, self.strength = data, augment_strength
         if data == "digits":
             self.x, self.y = digits.digits_tensors("train")
         else:
-            self.sets, self.y = {}, clutter._split_digits("train")[1]
-        self.size, self.epoch = len(self.y), 0
+            self.y = clutter._split_digits("train")[1]
+            self.generator = torch.Generator().manual_seed(seed + 1)
+        self.size = len(self.y)
 
     def draw(self):
         """(x, y, per-batch transform) for the next epoch."""
@@ -80,10 +82,7 @@ class _Epochs:
 
         if self.data == "digits":
             return self.x, self.y, lambda xb: digits.augment(xb, self.strength)
-        k, self.epoch = self.epoch % self.placements, self.epoch + 1
-        if k not in self.sets:  # its own generator: the model init's and the batch order's streams stay put
-            self.sets[k] = clutter.render_split("train", torch.Generator().manual_seed(self.seed + 1 + k))
-        return (*self.sets[k], lambda xb: xb)
+        return (*clutter.render_split("train", self.generator), lambda xb: xb)
 
 
 def describe_data(data: str, train_images: int, test_images: int, augment_strength: str) -> dict:
@@ -114,7 +113,7 @@ def describe_data(data: str, train_images: int, test_images: int, augment_streng
 
 def train(model_name="vim_digits_clutter", epochs=None, batch_size=None, lr=2e-3, weight_decay=0.05,
           warmup_epochs=2, seed=0, log=print, dt_range: tuple[float, float] | None = None,
-          augment_strength: str = "default", placements: int = 8, command: str | None = None):
+          augment_strength: str = "default", command: str | None = None):
     """Train ``model_name`` (a key of ``MODELS``) from scratch; returns (the model in eval mode, its card)."""
     from vimtr.data import folders
 
@@ -125,7 +124,7 @@ def train(model_name="vim_digits_clutter", epochs=None, batch_size=None, lr=2e-3
     batch_size = default_batch if batch_size is None else batch_size
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    epochs_data = _Epochs(data, seed, augment_strength, placements)
+    epochs_data = _Epochs(data, seed, augment_strength)
     xte, yte = folders.builtin(data).tensors("test")
     model = vimtr.create_model(model_name)
     init_backward_dt(model, dt_range)
@@ -161,8 +160,8 @@ def train(model_name="vim_digits_clutter", epochs=None, batch_size=None, lr=2e-3
         training["augmentation"] = "RandomAffine: rotation ±{}°, shift ±{} px, scale {}-{}".format(
             *digits.AUGMENT[augment_strength][:2], *digits.AUGMENT[augment_strength][2])
     else:
-        training["augmentation"] = (f"{placements} canvases per train digit (data seeds {seed + 1}-{seed + placements}), "
-                                    f"epoch e reading set e mod {placements}")
+        training["augmentation"] = (f"a fresh canvas per train digit every epoch, from one data generator seeded "
+                                    f"{seed + 1}")
     training.update(
         init="official, plus Mamba's Δ init for dt_proj_b (see train_digits)" + (
             f"; Δ init range {dt_range[0]}-{dt_range[1]} in both directions" if dt_range else ""),
@@ -184,21 +183,18 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for <model>.safetensors/.json")
     ap.add_argument("--epochs", type=int, default=None,
                     help="default: the bundled model's (" + ", ".join(f"{m} {e}" for m, (_, e, _) in MODELS.items()) + ")")
-    ap.add_argument("--placements", type=int, default=8,
-                    help="vim_digits_clutter only: canvases per train digit, one set per epoch in turn (default 8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dt-init", type=float, nargs=2, metavar=("MIN", "MAX"),
                     help="Mamba's Δ init range for both directions (default: 0.001-0.1, as Mamba)")
     ap.add_argument("--augment", choices=sorted(digits.AUGMENT), default="default",
                     help="vim_digits only: random affine strength (default: the bundled model's)")
     args = ap.parse_args(argv)
-    for flag, value in (("--epochs", args.epochs), ("--placements", args.placements)):
-        if value is not None and value < 1:
-            ap.error(f"{flag} must be >= 1, got {value}")
+    if args.epochs is not None and args.epochs < 1:
+        ap.error(f"--epochs must be >= 1, got {args.epochs}")
     command = "python -m vimtr.tools.train_digits " + " ".join(sys.argv[1:] if argv is None else argv)
     model, card = train(args.model, epochs=args.epochs, seed=args.seed,
                         dt_range=tuple(args.dt_init) if args.dt_init else None, augment_strength=args.augment,
-                        placements=args.placements, command=command.strip())
+                        command=command.strip())
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(args.out / f"{args.model}.safetensors", lambda f: f.write(_safetensors_bytes(state, args.model)))
     write_json(args.out / f"{args.model}.json", card)
