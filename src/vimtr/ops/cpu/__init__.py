@@ -11,6 +11,12 @@
     mixer.py          the bidirectional mixer up to out_proj, in the kernels' layout
 
 Importing this package imports numba; :mod:`vimtr.ops.dispatch` does so on the first CPU call only.
+
+numba's disk cache (``__pycache__/*.nbi, *.nbc`` beside these files) checks only the file that defines a
+compiled function, while the kernels compile the helpers they call (recurrence.py, rows.py, runtime.py,
+vec16.py) into themselves: after an edit to a helper, the kernels of scan_forward.py, scan_backward.py,
+scan.py, conv.py and norm.py load their old machine code until their own file changes or the cache files
+are deleted. Delete them after such an edit (and in any checkout that merges one).
 """
 from vimtr.ops.cpu.conv import causal_conv1d_bidir_cpu
 from vimtr.ops.cpu.mixer import bimamba_inner_cpu

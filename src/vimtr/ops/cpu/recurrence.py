@@ -11,15 +11,31 @@ here, so the backward differentiates the very states the forward produced.
 Row data comes as flat float arrays: ``a``/``A`` (E·N) the decay rates (a = A·log2 e in float32, see
 :mod:`vimtr.ops.cpu.runtime`), ``Bt``/``Ct`` (batch·L·N) token-major with ``ob`` the offset of the row's
 batch, decays ``DA`` and states ``H`` (L·N and (L+1)·N, H[0:N] = h_{-1} = 0) per thread.
+
+**One order for every sum.** numba cannot tell LLVM that two arrays are distinct, so LLVM vectorises a
+loop that stores (H, dB, g) behind a run-time check on the addresses of the arrays it stores to and
+loads from, and runs a scalar copy of the loop when the check cannot rule out an overlap. The check is
+conservative (a distance under one vector step counts, and numba's negative-index wraparound adds a
+range one array-length past each load), so it also fails for distinct arrays that merely lie close
+together: which copy runs depends on where malloc put this call's buffers. For elementwise work both
+copies give the same bits; for a sum that may be reassociated they do not (vector lanes and a tree
+against one running total). A reassociable Σ_n C·h in :func:`states` made identical calls differ by up
+to 4e-6, whole batches of rows at a time, depending on earlier allocations. So a sum either has a loop
+without stores of its own (no check, one compiled form) or is compiled without reassociation
+(``FM_EXACT``: added in index order in either copy). The generic recurrences below, whose state loops
+both store and sum, take the second way: split into store-free sums, the N = 8 forward ran ~2x slower
+(per-token loop overhead), while in order it is faster than the vectorised loop was. The N = 16 forms
+are explicit vectors, which LLVM does not re-vectorise.
 """
 from __future__ import annotations
 
 from numba import njit
 
-from vimtr.ops.cpu.runtime import FM_KERNEL, decay_any, decay_fast
+from vimtr.ops.cpu.runtime import FM_EXACT, FM_KERNEL, decay_any, decay_fast
 from vimtr.ops.cpu.vec16 import vdecay_fast, vfma, vload, vstore, vsum, vsum16, vzeros
 
 _JIT = dict(nogil=True, fastmath=FM_KERNEL, error_model="numpy", cache=True)
+_JIT_ORDERED = dict(nogil=True, fastmath=FM_EXACT, error_model="numpy", cache=True)  # sums in index order
 
 
 @njit(**_JIT)
@@ -45,7 +61,7 @@ def exps(DA, count, nbad):
             DA[k] = decay_any(DA[k])
 
 
-@njit(**_JIT)
+@njit(**_JIT_ORDERED)
 def states(DA, ur, dtb, Bt, Ct, ob, N, H, y):
     """The forward recurrence for any N: states into H[(t+1)·N:], y_t = Σ_n C·h into y."""
     L = dtb.shape[0]
@@ -118,7 +134,7 @@ def tree_sums(P, ys, y):
         y[t] = ys[t]
 
 
-@njit(**_JIT)
+@njit(**_JIT_ORDERED)
 def backprop(dyb, dtb, dut, DA, H, A, e, Bt, Ct, ob, dB, dC, op, g, gA, sbb, sab):
     """The backward recurrence for any N, t = L-1 .. 0. In: dyb (∂loss/∂y_t before the gate), g (the
     gradient of the last state), states H and decays DA. Out: dB, dC (+= at op, the row's batch in this

@@ -126,9 +126,12 @@ def _build_backward(vector: bool):
                 for n in range(N):
                     dA_rows[r0 + n] = gA[n]
             # Per token: du, dΔ (through the softplus), and the sums over the row for dD and d delta_bias.
-            dD_acc = zero
+            # dD's sum is a loop without stores: fused with the store into dub, it ran in one of two orders
+            # picked by the heap addresses of these buffers (see "One order for every sum" in recurrence.py).
             for t in range(L):
                 dub[t] = dyb[t] * De + sbb[t] * dtb[t]
+            dD_acc = zero
+            for t in range(L):
                 dD_acc += dyb[t] * ub[t]
             for t in range(L):
                 ddb[t] = sab[t] + sbb[t] * ub[t]

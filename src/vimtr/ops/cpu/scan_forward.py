@@ -2,8 +2,9 @@
 kernel arguments from tensors, the per-group channel sums of Δ.
 
 Per (batch, channel) row, in passes over its L tokens: Δ (load, + delta_bias, softplus, and a check that
-the fast exp is valid), the recurrence (:mod:`vimtr.ops.cpu.recurrence`), then D·u and the SiLU(z) gate,
-and the row written out. Each pass vectorises over tokens; fused into the recurrence they would not
+the fast exp is valid), the recurrence (:mod:`vimtr.ops.cpu.recurrence`, compiled into this kernel: see
+the package docstring on numba's cache), then D·u and the SiLU(z) gate, and the row written out. Each
+pass vectorises over tokens; fused into the recurrence they would not
 (softplus, D and the gate left to torch instead made the call 1.7-1.9x slower at Vim-Ti batch 8).
 
 Operands whose rows are not contiguous (the channel-last views Vim's projections produce) are moved
