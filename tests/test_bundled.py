@@ -74,10 +74,11 @@ def test_the_digit_is_anywhere_and_the_fragments_off_it(monkeypatch):
     digit, fragments = _layers(monkeypatch)
     ink = digit > 0.3
     assert ink.flatten(1).any(1).all()  # every canvas shows its digit
-    # Position carries no answer: the digit reaches every row band of patches (4 px) in some image.
+    # Position carries no answer: the digit reaches every row band of patches (4 px) in some image, and
+    # even the central band is background in some (digits of 18-28 px on 48: it holds ink in ~93%).
     rows = ink.any(2).float()  # (N, 48)
     bands = rows.view(-1, 12, 4).amax(-1)
-    assert bands.any(0).all() and bands.mean(0).min() > 0.1 and bands.mean(0).max() < 0.9
+    assert bands.any(0).all() and bands.mean(0).min() > 0.1 and bands.mean(0).max() < 0.95
     cols = ink.any(1).float().view(-1, 12, 4).amax(-1)
     assert cols.any(0).all()
     # The top-left patch rows hold digit ink in a good share of images (never on 'digits').
@@ -101,3 +102,26 @@ def test_training_reads_are_fresh_and_seeded():
 def test_bad_split_names_the_choices():
     with pytest.raises(ValueError, match="'train' or 'test'"):
         clutter.clutter_tensors("val")
+
+
+def test_bundled_model_against_its_card():
+    """The shipped model: >= 97% top-1 on the fixed test split, the card's number, config and data (the
+    card's data description is the one the training script writes for today's clutter settings: a changed
+    dataset makes the card stale), 100+ patch tokens, a small asset."""
+    from vimtr.models.checkpoint import assets_dir
+    from vimtr.tools.train_digits import describe_data
+
+    model = vimtr.load_model("vim_digits_clutter")
+    card = json.loads((assets_dir() / "vim_digits_clutter.json").read_text())
+    x, y = clutter.clutter_tensors("test")
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+    assert acc >= 0.97
+    assert abs(acc - card["test_top1"]) <= 2 / len(y)  # up to kernel rounding
+    assert model.num_patches == 144 and card["config"]["img_size"] == 48 and card["config"]["patch_size"] == 4
+    assert card["config"] == {k: model.config[k] for k in card["config"]}
+    assert card["dataset"] == describe_data("digits-clutter", 1437, 360, "default")
+    training = card["training"]
+    assert training["command"].startswith("python -m vimtr.tools.train_digits")
+    assert isinstance(training["seed"], int) and training["minutes"] > 0 and training["epochs"] >= 1
+    assert (assets_dir() / "vim_digits_clutter.safetensors").stat().st_size <= 2 * 2 ** 20

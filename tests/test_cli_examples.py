@@ -198,7 +198,7 @@ def test_help_example_runs(command, line, workspace, monkeypatch, capsys):
 
         rows = json.loads((workspace["root"] / "sweep_out" / "sweep.json").read_text())["rows"]
         methods = {r["method"] for r in rows}
-        assert methods == {"baseline", "mtr", "rmeeto", "tome", "evit", "utr", "random"}
+        assert methods == {"baseline", "mtr", "rmeeto", "tome", "evit", "utr", "random", "positional"}
         assert all(abs(r["flops_saved"] - r["level"]) <= 0.011 for r in rows if r["method"] != "baseline")
         assert (workspace["root"] / "sweep_out" / "sweep.csv").read_text().count("\n") == len(rows) + 1
         for png in ("acc_vs_flops.png", "acc_vs_throughput.png"):

@@ -54,7 +54,7 @@ def no_work(monkeypatch):
     (["sweep", "--model", "vim_digits", "--levels", "0.3", "1.5"], "--levels must be a fraction in (0, 1)"),
     (["sweep", "--model", "vim_digits", "--data", "/no/such/folder"], "/no/such/folder: does not exist"),
     (["sweep", "--model", "vim_tiny"], "registered architecture without weights"),
-    (["sweep", "--model", "vim_digitz"], "Did you mean vim_digits?"),
+    (["sweep", "--model", "vim_digitz"], "Did you mean vim_digits, vim_digits_clutter?"),
     (["eval", "--model", "vim_digits", "--data", "digits", "--method", "mtr", "--param", "foo=1"],
      "--method mtr: unknown parameter(s) ['foo']"),
     (["eval", "--data", "digits"], "give --checkpoint PATH"),

@@ -174,12 +174,13 @@ def model_source(args, weights_needed: bool = True, has_default: bool = False):
 
 
 def data_source(spec, flag: str = "--data"):
-    """``digits``, an existing folder or an existing file (a video annotation list). Folders and lists are only
-    read when the data is loaded, once the model says whether they must hold images or clips."""
-    from vimtr.data.folders import DIGITS, LAYOUT_HINT
+    """A built-in dataset (``digits``, ``digits-clutter``), an existing folder or an existing file (a video
+    annotation list). Folders and lists are only read when the data is loaded, once the model says whether
+    they must hold images or clips."""
+    from vimtr.data.folders import BUILTIN, LAYOUT_HINT
     from vimtr.data.video import VIDEO_LAYOUT_HINT
 
-    if spec is None or str(spec) == DIGITS:
+    if spec is None or str(spec) in BUILTIN:
         return
     if not Path(spec).expanduser().exists():
         raise UsageError(f"{flag} {spec}: does not exist; expected {LAYOUT_HINT}; for a video model, "
@@ -310,7 +311,9 @@ def _bench(args):
 
 
 def _sweep(args):
-    model_source(args, has_default=str(args.data) == "digits")  # vim_digits
+    from vimtr.tools.sweep import BUNDLED_FOR
+
+    model_source(args, has_default=str(args.data) in BUNDLED_FOR)  # the built-in dataset's bundled model
     data_source(args.data)
     for level in args.levels or []:
         fraction(level, "--levels", allow_zero=False)

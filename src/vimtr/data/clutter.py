@@ -36,7 +36,7 @@ from vimtr.data import digits
 
 NAME = "digits-clutter"
 IMG_SIZE = 48  # the canvas; patch 4 -> 144 tokens
-SCALE = (16, 26)  # side of the upscaled digit in pixels, uniform
+SCALE = (18, 28)  # side of the upscaled digit in pixels, uniform
 ROTATION = 10.0  # degrees, uniform in ±ROTATION
 FRAGMENTS = 3  # other-digit fragments per image (each left out if it finds no free place)
 FRAGMENT_SIDE = (3, 5)  # window of the other digit's 8×8 pixels, per side, uniform integer

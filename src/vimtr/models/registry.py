@@ -27,6 +27,10 @@ _REGISTRY: dict[str, tuple[type, dict]] = {
     # Our small Vim for the bundled demo model (vimtr.load_model("vim_digits") has trained weights).
     "vim_digits": (VisionMamba, dict(_VIM, depth=12, embed_dim=48, img_size=32, patch_size=4, in_chans=1,
                                      num_classes=10, drop_path_rate=0.1)),
+    # The default demo model: digits anywhere on a cluttered 48×48 canvas, 144 patch tokens
+    # (vimtr.load_model("vim_digits_clutter"); data spec "digits-clutter").
+    "vim_digits_clutter": (VisionMamba, dict(_VIM, depth=12, embed_dim=48, img_size=48, patch_size=4, in_chans=1,
+                                             num_classes=10, drop_path_rate=0.1)),
 }
 
 _SUFFIX = "bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"

@@ -1,24 +1,25 @@
 """``vimtr demo`` (what ``make demo`` runs): the bundled Vim with and without each reduction, side by side.
 
-On the bundled ``vim_digits`` model and the built-in digits test split: the baseline, the training-free
-methods (``mtr``, ``rmeeto``, ``tome``, ``evit``, ``utr``, ``random``) at one FLOPs reduction (default
-30%), and ``rmeeto`` after a short R-MeeTo re-training (distillation from the unreduced model). Prints
-a table and writes to ``--out``: ``results.json``, ``acc_vs_flops.png`` (several reduction levels),
-``acc_vs_throughput.png`` and ``token_maps.png``.
+On the bundled ``vim_digits_clutter`` model and the built-in ``digits-clutter`` test split (a digit at a
+random place and scale on a cluttered 48×48 canvas, 144 patch tokens + a middle class token): the baseline,
+the training-free methods (``mtr``, ``rmeeto``, ``tome``, ``evit``, ``utr``, ``random``, ``positional``) at
+one FLOPs reduction (default 30%), and ``rmeeto`` after a short R-MeeTo re-training (distillation from the
+unreduced model). Prints a table and writes to ``--out``: ``results.json``, ``acc_vs_flops.png`` (several
+reduction levels), ``acc_vs_throughput.png`` and ``token_maps.png``. ``--model vim_digits`` runs it on
+the former bundled model (centred digits, 64 tokens; its own recipe was ``--retrain-epochs 12
+--retrain-lr 4e-3``, see docs/demo-history.md).
 
 Every method uses the papers' schedule: it reduces before every other block (blocks 2, 4, …, 10 of the
 bundled model's 12), with the number of tokens per step derived from the FLOPs target, so all methods
-compare at equal FLOPs. ``random`` is the mean over 5 seeds (its spread is printed under the table).
-The table's im/s and speed-ups come from one timing of all its rows' models taking turns (fastest of 4
-rounds of one batch). The sweep's points are shared between two one-thread processes (one per core;
-~1.5x faster than one process with two threads); the throughput plot shows each point's own accuracy
-pass, one thread's, the re-trained point measured the same way.
+compare at equal FLOPs. ``random`` is the mean over 5 seeds (its spread is printed under the table);
+``positional`` drops the first tokens in raster order, content-blind. The table's im/s and speed-ups come
+from one timing of all its rows' models taking turns (fastest of 4 rounds of one batch of 128). The
+sweep's points are shared between two one-thread processes (one per core); the throughput plot shows each
+point's own accuracy pass, one thread's, the re-trained point measured the same way.
 
 On the project's shared 2-core CPU machine (kernels compiled beforehand by ``vimtr warmup``, as ``make
-install`` does) the whole run took 144-145 s in a quiet moment, ~113 s of them the re-training (12 epochs:
-355-359 of 360 test images over seeds 0-3 in the demo's two processes, where within a point of the
-baseline needs 353; ``--retrain-epochs 10`` takes ~12 s less and landed at 353-358 over seeds 0-5, twice
-on the line itself). The machine's load moves these times by up to a third. ``--quick`` takes under a minute.
+install`` does) the whole run took ~205 s: sweep 44, re-training 139 (8 epochs), timing 19, figures 2
+(docs/demo.md). ``--quick`` takes ~30 s.
 """
 from __future__ import annotations
 
@@ -34,17 +35,39 @@ from vimtr.io import write_json
 from vimtr.tools import sweep as sweep_tool
 from vimtr.tools.visualize import token_map_figure
 
-METHODS = ("mtr", "rmeeto", "tome", "evit", "utr", "random")
+METHODS = ("mtr", "rmeeto", "tome", "evit", "utr", "random", "positional")
+DEFAULT_MODEL = "vim_digits_clutter"
 SCHEDULE = {"interval": 2}  # see the module docstring
 
 
 # The re-training (see retrain_rmeeto). The batch is the global one: it is split between the processes,
 # so the recipe is the same on any machine (only float rounding differs).
-RETRAIN = {"epochs": 12, "batch_size": 32, "lr": 4e-3, "augment": True, "drop_path": 0.0, "processes": 2}
+RETRAIN = {"epochs": 8, "batch_size": 32, "lr": 1e-3, "augment": True, "drop_path": 0.0, "processes": 2}
 SWEEP_PROCESSES = 2  # one-thread processes sharing the sweep's points (one per core, at most this many)
 TIMING_ROUNDS = 4  # alternating timing rounds for the table's im/s (see time_table_rows)
-# --quick (what the tests run, < 1 min): levels 0.2-0.4, 3 random seeds, 1 epoch on half the train split.
-QUICK = {"random_seeds": 3, "train_fraction": 0.5, "timing_rounds": 3}
+TIMING_BATCH = 128
+LEVELS = (0.1, 0.2, 0.3, 0.4)  # the sweep's FLOPs reductions (the plots), besides --flops-reduction
+# --quick (what the tests run, < 1 min): the one level, 3 random seeds, 1 epoch on a quarter of the train
+# split, the timing on batches of 32 (a forward of 128 on 144 tokens is ~1 s: 9 models x 3 rounds of it alone
+# would take half the minute).
+QUICK = {"levels": (), "random_seeds": 3, "train_fraction": 0.25, "timing_rounds": 2, "timing_batch": 32}
+
+
+def dataset_of(model_name: str) -> str:
+    """The built-in dataset a bundled model was trained on, from its card (``dataset.name``)."""
+    import json
+
+    from vimtr.data.folders import BUILTIN
+    from vimtr.models.checkpoint import assets_dir, bundled_models
+
+    if model_name not in bundled_models():
+        raise ValueError(f"demo: --model must be a bundled model ({', '.join(bundled_models())}), got {model_name!r}")
+    card = json.loads(assets_dir().joinpath(f"{model_name}.json").read_text())
+    name = card.get("dataset", {}).get("name")
+    if name not in BUILTIN:
+        raise ValueError(f"demo: the card of {model_name} names dataset {name!r}; the demo runs on a built-in "
+                         f"one ({', '.join(BUILTIN)})")
+    return name
 
 
 def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAIN["epochs"], seed: int = 0,
@@ -52,18 +75,17 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
                    train_fraction: float = 1.0, augment: bool = RETRAIN["augment"],
                    drop_path: float | None = RETRAIN["drop_path"], processes: int | None = None, model=None):
     """R-MeeTo's recipe in miniature: a reduced copy of the bundled model learns from labels + the
-    unreduced teacher on the digits train split. Returns (the re-trained student in eval mode, a summary).
+    unreduced teacher on its dataset's train split. Returns (the re-trained student in eval mode, a summary).
 
-    The recipe (``RETRAIN``): 12 epochs of the bundled model's own augmentation (small random affine maps,
-    a fresh one per read), batch 32, lr 4e-3 with 10 warm-up steps, no drop-path. The train split has
-    1,437 images, so that is 528 optimiser steps on 17,244 images (ImageNet's 3 epochs are 3.8 M). Without
-    the augmentation the student fits the train split within 3 epochs but stays 1-3 points under the
-    teacher on the test split; with it, 8 epochs land on both sides of the 1-point line, 10 and 11 at
-    353-358 of 360 test images (the teacher: 356; within a point: 353; twice on the line itself in six
-    runs of 10), 12 at 355-359, 15 at 356-359 (README, ``benchmarks/NOTES.md`` rounds 8-12). 12 keeps two
-    images or more above the line and fits the demo's 3 minutes on 2 cores (~2 minutes of re-training).
-    Drop-path 0 as Vim-Ti's own training (R-MeeTo keeps the model's 0.1): over a few hundred steps its
-    noise costs more than its regularisation gives.
+    The recipe (``RETRAIN``): 8 epochs on the bundled model's own training data (``digits-clutter``: a fresh
+    canvas per train digit every epoch), batch 32, lr 1e-3 (half the bundled model's own peak) with 10
+    warm-up steps, no drop-path. The train split has 1,437 digits, so that is 360 optimiser steps on 11,496
+    canvases (ImageNet's 3 epochs are 3.8 M). On ``vim_digits_clutter`` the training-free ``rmeeto`` is 350
+    of 360 test images against the teacher's 355 (within a point needs 352); 3 epochs at lr 1e-4, 4e-4 or
+    1e-3 gave 350, 348, 349, 6 at 4e-4 351, 8 at 1e-3 354 (seed 0; seeds 1, 2: 346, 353). 8
+    epochs fit the demo's 5 minutes on 2 cores (~140 s of re-training). Drop-path 0 as Vim-Ti's own
+    training (R-MeeTo keeps the model's 0.1): over a few hundred steps its noise costs more than its
+    regularisation gives.
 
     It runs in ``processes`` one-thread processes with DDP (default: one per core, at most 2), the global
     batch split between them: on a 2-core machine that is faster than one process with two threads, which
@@ -86,7 +108,7 @@ def retrain_rmeeto(model_name: str, flops_reduction: float, epochs: int = RETRAI
     with tempfile.TemporaryDirectory(prefix="vimtr-demo-") as tmp:
         weights = str(Path(tmp) / "student.safetensors")
         summary = distributed.spawn_cpu(_retrain_worker, world, model_name, flops_reduction, settings, augment,
-                                        weights)
+                                        weights, dataset_of(model_name))
         base = vimtr.load_model(model_name) if model is None else vimtr.restore(copy.deepcopy(model))
         student = vimtr.reduce(base, "rmeeto", flops_reduction=flops_reduction, **SCHEDULE)
         student.load_state_dict(load_file(weights))
@@ -104,18 +126,18 @@ def load_training_kernels(model, flops_reduction):
         student(torch.randn(2, *model.input_size)).square().mean().backward()
 
 
-def _retrain_worker(model_name, flops_reduction, settings, augment, weights_path):
+def _retrain_worker(model_name, flops_reduction, settings, augment, weights_path, data):
     """One process of :func:`retrain_rmeeto` (or the only one): re-train, rank 0 writes the weights."""
     from safetensors.torch import save
 
-    from vimtr.data import digits
+    from vimtr.data.folders import builtin
     from vimtr.engine import distributed
     from vimtr.engine.train import retrain
     from vimtr.io import atomic_write
 
     teacher = vimtr.load_model(model_name).eval()
     student = vimtr.reduce(copy.deepcopy(teacher), "rmeeto", flops_reduction=flops_reduction, **SCHEDULE)
-    train = digits.AugmentedDigits("train") if augment else digits.digits_dataset("train")
+    train = builtin(data).training_set("train") if augment else builtin(data).dataset("train")
     summary = retrain(student, train, teacher=teacher, augment=False, log=lambda *a: None, **settings)
     if distributed.context().is_main:
         state = {k: v.contiguous() for k, v in student.state_dict().items()}
@@ -124,12 +146,14 @@ def _retrain_worker(model_name, flops_reduction, settings, augment, weights_path
             "global_batch": summary["config"]["global_batch"]}
 
 
-def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=None, model_name="vim_digits",
+def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=None, model_name=DEFAULT_MODEL,
              progress=True, log=print, retrain_lr: float = RETRAIN["lr"],
              retrain_batch_size: int = RETRAIN["batch_size"], retrain_augment: bool = RETRAIN["augment"],
              retrain_drop_path: float | None = RETRAIN["drop_path"], retrain_processes: int | None = None) -> dict:
-    from vimtr.data import digits
+    from vimtr.data.folders import builtin
 
+    data = dataset_of(model_name)
+    images = builtin(data)
     start = time.time()
     phases, mark = {}, [start]  # wall seconds of each part, in results.json: where the demo's time goes
 
@@ -141,12 +165,13 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
     torch.manual_seed(0)
     out = Path(out)
     model = vimtr.load_model(model_name).eval()
-    test = digits.digits_dataset("test")
-    levels = (0.2, 0.3, 0.4) if quick else (0.1, 0.2, 0.3, 0.4)
+    test = images.dataset("test")
+    levels = QUICK["levels"] if quick else LEVELS
     epochs = retrain_epochs if retrain_epochs is not None else (1 if quick else RETRAIN["epochs"])
 
-    log(f"vimtr demo: {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters), digits test "
-        f"split ({len(test)} images), {flops_reduction:.0%} FLOPs reduction")
+    log(f"vimtr demo: {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{model.num_patches} patch tokens), {data} test split ({len(test)} images), {flops_reduction:.0%} FLOPs "
+        f"reduction")
     from vimtr.engine.distributed import cpu_workers
 
     processes = cpu_workers(SWEEP_PROCESSES)
@@ -177,19 +202,20 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
     rows.append(retrained)
     lap("retrain")
     rows = [dict(r) for r in rows]  # the table's copies: the plots keep each point's own timing
-    time_table_rows(rows, model, student, flops_reduction, rounds=QUICK["timing_rounds"] if quick else TIMING_ROUNDS)
+    time_table_rows(rows, model, student, flops_reduction, batch_size=QUICK["timing_batch"] if quick else TIMING_BATCH,
+                    rounds=QUICK["timing_rounds"] if quick else TIMING_ROUNDS)
     lap("timing")
 
     sweep_tool.plot(sweep_rows, out / "acc_vs_flops.png", out / "acc_vs_throughput.png",
-                    title=f"{model_name} on digits (training-free; ★ = unreduced)",
+                    title=f"{model_name} on {data} (training-free; ★ = unreduced)",
                     extra_points=[(retrained, "P")], processes=processes)
-    x, _ = digits.digits_tensors("test")
-    token_map_figure(model, x[:1], digits.to_image(x[0]),
+    x, _ = images.tensors("test")
+    token_map_figure(model, x[:1], images.to_image(x[0]),
                      {"mtr": ("mtr", {**SCHEDULE, "flops_reduction": flops_reduction}),
                       "rmeeto": ("rmeeto", {**SCHEDULE, "flops_reduction": flops_reduction})},
                      out / "token_maps.png", title=f"{model_name}: merged token groups at "
                                                    f"{flops_reduction:.0%} fewer FLOPs")
-    result = {"model": model_name, "dataset": "digits/test", "flops_reduction": flops_reduction, "quick": quick,
+    result = {"model": model_name, "dataset": f"{data}/test", "patch_tokens": model.num_patches, "flops_reduction": flops_reduction, "quick": quick,
               "rows": [{k: r.get(k) for k in ("method", "top1", "gflops", "flops_saved", "images_per_s", "top5",
                                               "speedup", "final_tokens", "retrain_minutes", "retrain_epochs",
                                               "retrain_augment", "retrain_drop_path", "retrain_processes", "seeds",
@@ -205,7 +231,7 @@ def run_demo(out="demo_out", flops_reduction=0.3, quick=False, retrain_epochs=No
     return result
 
 
-def time_table_rows(rows, model, student, flops_reduction, batch_size=128, rounds=TIMING_ROUNDS):
+def time_table_rows(rows, model, student, flops_reduction, batch_size=TIMING_BATCH, rounds=TIMING_ROUNDS):
     """The table's im/s and speed-up, timed side by side: every row's model in turn, ``rounds`` times, one
     batch each, the fastest forward kept (``time_alternating``). On this small model a forward is ~0.2 s
     and one-off timings vary by ±10-20% on a shared 2-core machine: timed one after the other, the same
@@ -243,12 +269,12 @@ def add_cli(sub):
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  vimtr demo\n  vimtr demo --quick --out /tmp/demo\n"
                               "  vimtr demo --flops-reduction 0.4\n"
-                              "  vimtr demo --retrain-epochs 10  # ~12 s less on 2 cores, on the edge of the "
-                              "1-point line")
+                              "  vimtr demo --model vim_digits --retrain-epochs 12 --retrain-lr 4e-3  # the former "
+                              "bundled model and its recipe")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     p.add_argument("--flops-reduction", type=float, default=0.3, help="common FLOPs reduction (default 0.3)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer reduction levels, 3 random seeds, 1 re-training epoch on half the train split")
+                   help="one reduction level, 3 random seeds, 1 re-training epoch on a quarter of the train split")
     p.add_argument("--retrain-epochs", type=int, default=None,
                    help=f"re-training epochs (default {RETRAIN['epochs']}; quick 1)")
     p.add_argument("--retrain-lr", type=float, default=RETRAIN["lr"],
@@ -263,7 +289,8 @@ def add_cli(sub):
     p.add_argument("--retrain-processes", type=int, default=None,
                    help=f"one-thread processes for the re-training (default: one per core, at most "
                         f"{RETRAIN['processes']}; the batch is split between them)")
-    p.add_argument("--model", default="vim_digits", help="bundled model (default vim_digits)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"bundled model (default {DEFAULT_MODEL}; vim_digits: the centred digits on 64 tokens)")
     p.set_defaults(func=run)
 
 

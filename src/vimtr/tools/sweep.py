@@ -12,10 +12,11 @@ import torch
 import vimtr
 from vimtr.io import atomic_write, write_json
 
-TRAINING_FREE = ("mtr", "rmeeto", "tome", "evit", "utr", "random")
+TRAINING_FREE = ("mtr", "rmeeto", "tome", "evit", "utr", "random", "positional")
 COLUMNS = ("method", "level", "top1", "top5", "loss", "gflops", "flops_saved", "images_per_s", "speedup",
            "final_tokens", "top1_std", "top1_min", "top1_max")
 RANDOM_SEEDS = 5
+BUNDLED_FOR = {"digits": "vim_digits", "digits-clutter": "vim_digits_clutter"}  # --data's model when none is given
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5)  # `vimtr sweep` without --levels: those of them each method reaches
 
 
@@ -220,11 +221,14 @@ def add_cli(sub):
     p = sub.add_parser("sweep", help="methods × reduction levels → accuracy, GFLOPs, im/s, plots",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  vimtr sweep --model vim_digits --data digits\n"
+                              "  vimtr sweep --data digits-clutter --method mtr random positional --levels 0.3 "
+                              "--interval 2\n"
                               "  vimtr sweep --checkpoint vim_b_midclstok_81p9acc.pth --data /imagenet/val "
                               "--method mtr utr --levels 0.2 0.3 0.4 --device cuda --out sweep_vimb/")
     p.add_argument("--model", help="registered or bundled model name")
     p.add_argument("--checkpoint", help="checkpoint to load")
-    p.add_argument("--data", default="digits", help="ImageFolder directory, or 'digits' (default)")
+    p.add_argument("--data", default="digits",
+                   help="ImageFolder directory, or a built-in dataset: 'digits' (default), 'digits-clutter'")
     p.add_argument("--method", nargs="+", default=list(TRAINING_FREE), help="methods (default: all)")
     p.add_argument("--levels", type=float, nargs="+", default=None,
                    help="FLOPs reductions; each must be reachable by every method, or nothing runs (default: "
@@ -244,19 +248,19 @@ def add_cli(sub):
 
 def run(args):
     from vimtr.data import eval_transform
-    from vimtr.data.folders import load_dataset
+    from vimtr.data.folders import builtin, load_dataset
     from vimtr.tools.benchmark import load_for_cli
 
     if args.processes < 1:
         raise ValueError(f"--processes must be >= 1, got {args.processes}")
     if args.random_seeds < 1:
         raise ValueError(f"--random-seeds must be >= 1, got {args.random_seeds}")
-    if not args.model and not args.checkpoint and args.data == "digits":
-        args.model = "vim_digits"
+    if not args.model and not args.checkpoint and args.data in BUNDLED_FOR:
+        args.model = BUNDLED_FOR[args.data]
     model = load_for_cli(args)
     params = {"interval": args.interval} if args.interval else None
     levels = levels_for(model, args.method, args.levels, params)  # before any evaluation
-    dataset = load_dataset(args.data, "val", transform=eval_transform(model) if args.data != "digits" else None)
+    dataset = load_dataset(args.data, "val", transform=eval_transform(model) if builtin(args.data) is None else None)
     rows = sweep(model, dataset, args.method, levels, args.batch_size, args.device, params=params,
                  random_seeds=args.random_seeds, processes=args.processes)
     out = Path(args.out)
@@ -267,4 +271,8 @@ def run(args):
     print(f"{'method':<10}{'level':>7}{'top-1':>8}{'GFLOPs':>9}{'im/s':>9}")
     for r in rows:
         print(f"{r['method']:<10}{r['level']:>7.2f}{100 * r['top1']:>8.2f}{r['gflops']:>9.4f}{r['images_per_s']:>9.1f}")
+    for r in rows:
+        if "seeds" in r:
+            print(f"{r['method']} at {r['level']:.2f}: mean of {len(r['seeds'])} seeds, top-1 from "
+                  f"{100 * r['top1_min']:.2f} to {100 * r['top1_max']:.2f}, std {100 * r['top1_std']:.2f}")
     print(f"wrote {out}/sweep.csv, sweep.json, acc_vs_flops.png, acc_vs_throughput.png")

@@ -19,7 +19,7 @@ import time
 import vimtr
 
 
-def warm_up(model_name: str = "vim_digits", log=print) -> dict:
+def warm_up(model_name: str = "vim_digits_clutter", log=print) -> dict:
     """Compile (or load) the kernels that inference and re-training use on ``model_name``; returns the
     seconds each part took."""
     from vimtr.tools import demo, sweep
@@ -44,9 +44,9 @@ def add_cli(sub):
     p = sub.add_parser("warmup", help="compile the CPU kernels into numba's disk cache (make install runs it)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  vimtr warmup")
-    p.add_argument("--model", default="vim_digits",
-                   help="bundled model name or checkpoint file to run (default vim_digits; a model with another "
-                        "state size N uses other kernels)")
+    p.add_argument("--model", default="vim_digits_clutter",
+                   help="bundled model name or checkpoint file to run (default vim_digits_clutter, the demo's; "
+                        "a model with another state size N uses other kernels)")
     p.set_defaults(func=run)
 
 
