@@ -42,7 +42,7 @@ def test_every_registered_model_runs(name):
     if video:
         assert state.hidden.shape[1] == 1 + 2 * 196
     assert logits.shape == (1, model.num_classes) and torch.isfinite(logits).all()
-    assert model.num_classes == (400 if video else 10 if name == "vim_digits" else 1000)
+    assert model.num_classes == (400 if video else 10 if name in ("vim_digits", "vim_digits_clutter") else 1000)
 
 
 def test_aliases_resolve_to_registered_models():
