@@ -148,3 +148,20 @@ def video_set(tmp_path_factory):
                                      dtype=torch.uint8).numpy().tobytes())
     (root / "val_broken.csv").write_text(info["val"].read_text() + "videos/1/broken.mp4,1\n")
     return {**info, "root": root, "val_broken": root / "val_broken.csv"}
+
+
+# videomamba_video_tiny at a size a CPU test affords: 2x2 patches x 8 frames + class token = 33 tokens.
+SMALL_VIDEO = dict(depth=4, img_size=32, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def video_ckpt(tmp_path_factory):
+    """A randomly initialised videomamba_video_tiny (:data:`SMALL_VIDEO`) in the official K400 format: a flat
+    state dict, under the official file name (which says f8, res 32). Per module, as it seeds torch."""
+    import vimtr
+
+    torch.manual_seed(0)
+    model = vimtr.create_model("videomamba_video_tiny", **SMALL_VIDEO)
+    path = tmp_path_factory.mktemp("ckpt") / "videomamba_t16_k400_f8_res32.pth"
+    torch.save(model.state_dict(), path)
+    return path

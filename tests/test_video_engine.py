@@ -17,21 +17,10 @@ from vimtr.data import video
 from vimtr.engine import evaluate as ev
 from vimtr.errors import CorruptVideoWarning
 
+from conftest import SMALL_VIDEO
+
 pytest.importorskip("av", reason="video tests need PyAV: pip install 'vimtr[video]'")
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-# videomamba_video_tiny at a size a CPU test affords: 2x2 patches x 8 frames + class token = 33 tokens.
-SMALL = dict(depth=4, img_size=32, num_classes=3)
-
-
-@pytest.fixture(scope="module")
-def video_ckpt(tmp_path_factory):
-    """A randomly initialised videomamba_video_tiny in the official K400 format: a flat state dict."""
-    torch.manual_seed(0)
-    model = vimtr.create_model("videomamba_video_tiny", **SMALL)
-    path = tmp_path_factory.mktemp("ckpt") / "videomamba_t16_k400_f8_res32.pth"
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def cli(argv):
@@ -126,7 +115,7 @@ def test_on_corrupt_fail_stops_naming_the_video(video_set, video_ckpt):
 
 def test_label_outside_the_head_is_a_clear_error(video_set, tmp_path):
     torch.manual_seed(0)
-    two = vimtr.create_model("videomamba_video_tiny", **{**SMALL, "num_classes": 2})
+    two = vimtr.create_model("videomamba_video_tiny", **{**SMALL_VIDEO, "num_classes": 2})
     torch.save(two.state_dict(), tmp_path / "two.pth")
     with pytest.raises(SystemExit, match=r"outside the model's 2 classes \(0\.\.1\).*clip_\d\.mp4 has label 2"):
         run_eval(["--checkpoint", str(tmp_path / "two.pth"), "--data", str(video_set["val"])])

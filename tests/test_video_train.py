@@ -17,16 +17,6 @@ from vimtr.errors import CorruptVideoWarning
 pytest.importorskip("av", reason="video tests need PyAV: pip install 'vimtr[video]'")
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-SMALL = dict(depth=4, img_size=32, num_classes=3)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "videomamba_t16_k400_f8_res32.pth"
-    torch.save(vimtr.create_model("videomamba_video_tiny", **SMALL).state_dict(), path)
-    return path
-
 
 def cli(command, module, argv):
     parser = argparse.ArgumentParser(prog="vimtr")
@@ -34,9 +24,9 @@ def cli(command, module, argv):
     return parser.parse_args([command, *argv])
 
 
-def test_retrain_cli_on_video_clips_then_eval_the_checkpoint(video_set, ckpt, tmp_path):
+def test_retrain_cli_on_video_clips_then_eval_the_checkpoint(video_set, video_ckpt, tmp_path):
     out = tmp_path / "run"
-    argv = ["--checkpoint", str(ckpt), "--method", "rmeeto", "--num-prune", "4", "--data", str(video_set["train"]),
+    argv = ["--checkpoint", str(video_ckpt), "--method", "rmeeto", "--num-prune", "4", "--data", str(video_set["train"]),
             "--val-data", str(video_set["val_broken"]), "--num-frames", "8", "--epochs", "1", "--batch-size", "2",
             "--num-sample", "2", "--repeated-aug", "1", "--lr", "1e-4", "--warmup-epochs", "1",
             "--aa", "rand-m5-n2-mstd0.25-inc1", "--output", str(out), "--workers", "0", "--no-progress"]
@@ -61,8 +51,8 @@ def test_retrain_cli_on_video_clips_then_eval_the_checkpoint(video_set, ckpt, tm
 
 
 @pytest.mark.parametrize("num_sample", [1, 2])
-def test_num_sample_trains_on_every_clip_of_every_video(video_set, ckpt, num_sample):
-    model = vimtr.reduce(vimtr.load_model(ckpt), "rmeeto", r=4)
+def test_num_sample_trains_on_every_clip_of_every_video(video_set, video_ckpt, num_sample):
+    model = vimtr.reduce(vimtr.load_model(video_ckpt), "rmeeto", r=4)
     train_set = video.load_video_dataset(video_set["train"], num_frames=8, size=32)
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
