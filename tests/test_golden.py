@@ -17,20 +17,26 @@ def _model(case):
 @pytest.mark.parametrize("case", ["p1", "p1b"])
 def test_backbone_reproduces_official(case, golden, golden_input):
     model, ref = _model(case), golden[case]
+    out = _outputs(model, golden_input)
+    assert out["cls_index"] == 98
+    for key in ("embed", "layer0_mixer_out", "final_norm", "features", "logits"):
+        assert_close_golden(out[key], ref[key], key)
+
+
+def _outputs(model, x) -> dict:
+    """The golden files' checkpoints of one forward: patch + position embedding, block 0's mixer output, the
+    final norm, the class-token features and the logits (the model's own forward must give these logits)."""
     captured = {}
-    model.layers[0].mixer.register_forward_hook(lambda m, i, o: captured.update(mixer=o[0]))  # returns None
+    hook = model.layers[0].mixer.register_forward_hook(lambda m, i, o: captured.update(mixer=o[0]))  # returns None
     with torch.no_grad():
-        embed = model.embed(golden_input)
-        state = model.forward_tokens(golden_input)
+        embed = model.embed(x)
+        state = model.forward_tokens(x)
         features = state.hidden[:, state.cls_index]
         logits = model.head(features)
-        assert torch.equal(model(golden_input), logits)
-    assert state.cls_index == 98
-    assert_close_golden(embed, ref["embed"], "embed")
-    assert_close_golden(captured["mixer"], ref["layer0_mixer_out"], "layer0_mixer_out")
-    assert_close_golden(state.hidden, ref["final_norm"], "final_norm")
-    assert_close_golden(features, ref["features"], "features")
-    assert_close_golden(logits, ref["logits"], "logits")
+        assert torch.equal(model(x), logits)
+    hook.remove()
+    return {"embed": embed, "layer0_mixer_out": captured["mixer"], "final_norm": state.hidden,
+            "features": features, "logits": logits, "cls_index": state.cls_index}
 
 
 @pytest.mark.parametrize("case,weights", [("p2", "p1"), ("p2b", "p1b")])
@@ -78,19 +84,10 @@ def test_videomamba_video_reproduces_official(p3):
     model.load_state_dict(_p3_state_dict(p3), strict=True)
     x = p3["input"]
     assert model.num_tokens == meta["seq_len"] == 393
-    captured = {}
-    model.layers[0].mixer.register_forward_hook(lambda m, i, o: captured.update(mixer=o[0]))
-    with torch.no_grad():
-        embed = model.embed(x)
-        state = model.forward_tokens(x)
-        features = state.hidden[:, state.cls_index]
-        logits = model.head(features)
-        assert torch.equal(model(x), logits)
-    assert state.cls_index == meta["cls_index"] == 0
-    assert_close_golden(embed, p3["embed"], "embed")
-    assert_close_golden(captured["mixer"], p3["layer0_mixer_out"], "layer0_mixer_out")
-    assert_close_golden(features, p3["features"], "features")
-    assert_close_golden(logits, p3["logits"], "logits")
+    out = _outputs(model, x)
+    assert out["cls_index"] == meta["cls_index"] == 0
+    for key in ("embed", "layer0_mixer_out", "features", "logits"):
+        assert_close_golden(out[key], p3[key], key)
 
 
 def test_videomamba_video_flat_checkpoint_loads_by_shape(p3, tmp_path):
