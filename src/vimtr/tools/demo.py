@@ -35,7 +35,7 @@ from vimtr.io import write_json
 from vimtr.tools import sweep as sweep_tool
 from vimtr.tools.visualize import token_map_figure
 
-METHODS = ("mtr", "rmeeto", "tome", "evit", "utr", "random", "positional")
+METHODS = sweep_tool.TRAINING_FREE  # the table's methods: those `vimtr sweep` runs by default (and warmup compiles)
 DEFAULT_MODEL = "vim_digits_clutter"
 SCHEDULE = {"interval": 2}  # see the module docstring
 

@@ -11,12 +11,14 @@ import torch
 
 import vimtr
 from vimtr.io import atomic_write, write_json
+from vimtr.tools import train_digits
 
 TRAINING_FREE = ("mtr", "rmeeto", "tome", "evit", "utr", "random", "positional")
 COLUMNS = ("method", "level", "top1", "top5", "loss", "gflops", "flops_saved", "images_per_s", "speedup",
            "final_tokens", "top1_std", "top1_min", "top1_max")
 RANDOM_SEEDS = 5
-BUNDLED_FOR = {"digits": "vim_digits", "digits-clutter": "vim_digits_clutter"}  # --data's model when none is given
+# --data's model when none is given: each built-in dataset's bundled model, as train_digits trains them
+BUNDLED_FOR = {data: model for model, (data, _, _) in train_digits.MODELS.items()}
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5)  # `vimtr sweep` without --levels: those of them each method reaches
 
 
