@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python benchmarks/scan.py [--quick] [--batch-sizes 1 8] [--out results.json]
 
-Shapes are Vim-Ti's and Vim-S's (L = 197 tokens, E = 384 / 768 channels, N = 16 states), with the inputs
-laid out as the mixer hands them over (delta and z transposed (B, L, E) views, B and C contiguous
+Shapes are Vim-Ti's and Vim-S's (L = 197 tokens, E = 384 / 768 channels, N = 16 states or ``--d-state``), with
+the inputs laid out as the mixer hands them over (delta and z transposed (B, L, E) views, B and C contiguous
 (B, N, L)), softplus with delta_bias, D and the z gate: the call Vim makes 48 times per image.
 
 Besides fast vs reference it records what the fast kernel's design choices are worth (the same call
@@ -159,12 +159,12 @@ def _unfused(fast):
     return fn
 
 
-def bench_case(name, batch, quick, ref_max_batch):
+def bench_case(name, batch, quick, ref_max_batch, d_state=None):
     from vimtr.ops import selective_scan_ref
     from vimtr.ops.cpu import selective_scan_cpu
 
     shp = SHAPES[name]
-    E, L, N = shp["E"], shp["L"], shp["N"]
+    E, L, N = shp["E"], shp["L"], d_state or shp["N"]
     x = mixer_inputs(batch, E, L, N)
     reps = 3 if quick else 10
     rec = {"model": name, "batch": batch, "E": E, "L": L, "N": N, "exps": batch * E * L * N}
@@ -205,6 +205,8 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--ref-max-batch", type=int, default=8, help="largest batch the reference is timed at")
     p.add_argument("--threads", type=int, help="torch threads, which the kernel follows (default: torch's)")
+    p.add_argument("--d-state", type=int, help="N, the state size (default: the model's, 16; any other N runs the "
+                                               "generic recurrence instead of the N = 16 one in registers)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,7 +214,7 @@ def main(argv=None):
     result = {"benchmark": "scan", "machine": machine(), "quick": args.quick, "cases": []}
     for name in args.models:
         for batch in batches:
-            rec = bench_case(name, batch, args.quick, args.ref_max_batch)
+            rec = bench_case(name, batch, args.quick, args.ref_max_batch, args.d_state)
             result["cases"].append(rec)
             msg = (f"{name:9s} b={batch:<3d} fast fwd {rec['fast_fwd']['wall_min_s'] * 1e3:8.2f} ms  "
                    f"fwd+bwd {rec['fast_fwd_bwd']['wall_min_s'] * 1e3:8.2f} ms  "
