@@ -1,18 +1,18 @@
-"""Which short re-training brings the demo's reduced model back? One R-MeeTo recipe per run, on the bundled model.
+"""Which short re-training brings the demo's reduced model back? One R-MeeTo recipe per run, on a bundled model.
 
-    PYTHONPATH=src python benchmarks/retrain_recipes.py [--epochs 8] [--lr 4e-3] [--temperature 4 --ce-weight 0
-        --distill-weight 1] [--freeze 'in_proj|out_proj'] [--no-augment] [--drop-path 0.1] [--seed 1]
-        [--processes 2] [--out FILE.jsonl]
+    PYTHONPATH=src python benchmarks/retrain_recipes.py [--model vim_digits_clutter] [--epochs 8] [--lr 1e-3]
+        [--temperature 4 --ce-weight 0 --distill-weight 1] [--freeze 'in_proj|out_proj'] [--no-augment]
+        [--drop-path 0.1] [--seed 1] [--processes 2] [--out FILE.jsonl]
 
 The demo's ``rmeeto_retrained`` row (``vimtr.tools.demo.retrain_rmeeto``: rmeeto at 30% fewer FLOPs,
-blocks 2, 4, …, 10; 12 epochs of the bundled model's augmentation, batch 32, lr 4e-3, 10 warm-up steps,
-drop-path 0, CE with label smoothing 0.1 +
-0.5·KL to the unreduced model) with one or more of its settings changed. Appends one JSON line per run
-(the settings, top-1 and the number of correct test images out of 360, the unreduced model's 356, both
-models' top-1 on the train split, and the training seconds) to ``--out`` (default benchmarks/results/retrain_recipes.jsonl). Accuracy, not
-speed, is the result: runs may share the machine (``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1`` and two at a
-time on two cores is how docs/performance.md's figures were made; the thread count changes the rounding and so
-the run).
+blocks 2, 4, …, 10; the demo's ``RETRAIN`` recipe: epochs of the bundled model's own training variation,
+batch 32, 10 warm-up steps, drop-path 0, CE with label smoothing 0.1 + 0.5·KL to the unreduced model) with
+one or more of its settings changed. ``--model vim_digits`` re-trains the former demo model (its recipe was
+``--epochs 12 --lr 4e-3``). Appends one JSON line per run (the settings, top-1 and the number of correct
+test images, the unreduced model's, both models' top-1 on the fixed train split, and the training seconds)
+to ``--out`` (default benchmarks/results/retrain_recipes.jsonl). Accuracy, not speed, is the result: runs
+may share the machine (``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1`` and two at a time on two cores is how
+docs/performance.md's figures were made; the thread count changes the rounding and so the run).
 ``--processes 2`` re-trains exactly as ``vimtr demo`` does (its two one-thread processes, its rounding).
 """
 from __future__ import annotations
@@ -37,10 +37,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None):
-    from vimtr.data import digits
+    from vimtr.data.folders import builtin
     from vimtr.engine.evaluate import evaluate
     from vimtr.engine.train import retrain
-    from vimtr.tools.demo import RETRAIN, SCHEDULE, retrain_rmeeto
+    from vimtr.tools.demo import DEFAULT_MODEL, RETRAIN, SCHEDULE, dataset_of, retrain_rmeeto
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=RETRAIN["epochs"])
@@ -55,12 +55,15 @@ def main(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=RETRAIN["augment"],
-                   help="the bundled model's random affine augmentation")
+                   help="the bundled model's own training data variation (digits: random affine maps; "
+                        "digits-clutter: fresh canvases)")
     p.add_argument("--freeze", default="", help="regex: parameters whose names match are not trained")
     p.add_argument("--flops-reduction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default="vim_digits",
-                   help="the unreduced model: the bundled one (default) or a file train_digits wrote")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"the bundled model (default {DEFAULT_MODEL}, the demo's); its card names the dataset")
+    p.add_argument("--checkpoint", default=None,
+                   help="the unreduced model from a file train_digits wrote for --model (default: the bundled one)")
     p.add_argument("--processes", type=int, default=1,
                    help="> 1: re-train as the demo does, through vimtr.tools.demo.retrain_rmeeto in this many "
                         "one-thread processes (its rounding; only the demo's own settings may be changed)")
@@ -68,18 +71,19 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    teacher = vimtr.load_model(args.checkpoint, name="vim_digits").eval()
-    test, train = digits.digits_dataset("test"), digits.digits_dataset("train")
-    if args.augment:  # the bundled model's training augmentation, each read seeded by the trainer
-        train = digits.AugmentedDigits("train")
+    data = builtin(dataset_of(args.model))
+    teacher = vimtr.load_model(args.checkpoint or args.model, name=args.model).eval()
+    test, train = data.dataset("test"), data.dataset("train")
+    if args.augment:  # the bundled model's training variation, each read seeded by the trainer
+        train = data.training_set("train")
     t0 = time.perf_counter()
     if args.processes > 1:
         changed = [k for k in ("label_smoothing", "distill_weight", "ce_weight", "temperature", "weight_decay",
                                "warmup_steps", "freeze") if getattr(args, k) != p.get_default(k)]
-        if changed or args.checkpoint != "vim_digits":
+        if changed or args.checkpoint:
             p.error(f"--processes > 1 runs the demo's re-training, which has no setting for: "
                     f"{', '.join(changed) or 'checkpoint'}")
-        student, _ = retrain_rmeeto("vim_digits", args.flops_reduction, args.epochs, seed=args.seed, progress=False,
+        student, _ = retrain_rmeeto(args.model, args.flops_reduction, args.epochs, seed=args.seed, progress=False,
                                     lr=args.lr, batch_size=args.batch_size, augment=args.augment,
                                     drop_path=args.drop_path, processes=args.processes, model=teacher)
     else:
@@ -96,7 +100,7 @@ def main(argv=None):
     seconds = time.perf_counter() - t0
     top1 = evaluate(student.eval(), test, batch_size=128, progress=False)["top1"]
     base = evaluate(vimtr.restore(copy.deepcopy(teacher)), test, batch_size=128, progress=False)["top1"]
-    train_split = digits.digits_dataset("train")  # how well each fits the data it learnt from
+    train_split = data.dataset("train")  # how well each fits the data it learnt from (its fixed train split)
     train_top1 = evaluate(student, train_split, batch_size=128, progress=False)["top1"]
     base_train_top1 = evaluate(teacher, train_split, batch_size=128, progress=False)["top1"]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
